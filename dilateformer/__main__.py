@@ -1,0 +1,5 @@
+import sys
+
+from dilateformer.cli import main
+
+sys.exit(main())

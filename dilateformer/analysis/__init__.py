@@ -1,0 +1,1 @@
+"""Measuring and showing MSDA: benchmarks, cost profiles, attention maps."""

@@ -1,0 +1,214 @@
+"""Attention layers: Multi-Scale Dilated Attention and the global multi-head attention it is compared against.
+
+Both accept channels-first ``(B, C, H, W)`` or channels-last ``(B, H, W, C)`` input, fixed per layer by
+``layout`` at construction, and return the same layout. A tensor whose channel axis does not hold ``dim`` is
+refused with a message that says which layout it looks like, so a wrong layout cannot pass silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dilateformer.functional import (
+    check_border,
+    check_dilations,
+    check_heads_divisible,
+    check_kernel_size,
+    multi_scale_dilated_attention,
+)
+from dilateformer.ops.reference import msda_reference
+
+Layout = Literal["nchw", "nhwc"]
+LAYOUTS = ("nchw", "nhwc")
+
+
+def check_dim_heads(dim: int, num_heads: int) -> int:
+    for name, value in (("dim", dim), ("num_heads", num_heads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if dim % num_heads != 0:
+        raise ValueError(f"dim {dim} should be divisible by num_heads {num_heads}")
+    return dim // num_heads
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS} (channels-first or channels-last), got {layout!r}")
+    return layout
+
+
+def to_channels_last(x: torch.Tensor, dim: int, layout: str, owner: str) -> torch.Tensor:
+    """(B, C, H, W) or (B, H, W, C) as declared by ``layout`` -> a (B, H, W, C) view, with a clear error."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{owner} expects a 4-D input ({layout.upper()}), got shape {tuple(x.shape)}")
+    channel_axis = 1 if layout == "nchw" else 3
+    if x.shape[channel_axis] != dim:
+        other = 3 if layout == "nchw" else 1
+        hint = ""
+        if x.shape[other] == dim:
+            hint = f"; it looks {'channels-last' if other == 3 else 'channels-first'}: build the layer with " + (
+                "layout='nhwc'" if other == 3 else "layout='nchw'"
+            )
+        raise ValueError(
+            f"{owner}(dim={dim}, layout={layout!r}) expects {dim} channels on axis {channel_axis}, "
+            f"got shape {tuple(x.shape)}{hint}"
+        )
+    return x.permute(0, 2, 3, 1) if layout == "nchw" else x
+
+
+def from_channels_last(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2) if layout == "nchw" else x
+
+
+class MultiScaleDilatedAttention(nn.Module):
+    """Multi-Scale Dilated Attention (MSDA), the drop-in layer.
+
+    ``qkv`` (a 1x1 conv, C -> 3C, output channels ordered [q | k | v][head][head_dim]) projects the input; the
+    heads are split into ``len(dilations)`` groups that each attend to a ``kernel_size x kernel_size`` window
+    with their own dilation; ``proj`` (Linear C -> C) mixes the concatenated heads. Parameter names and shapes
+    match the official DilateFormer code, so its weights load unchanged.
+
+    Args:
+        dim: channels C of the input and output.
+        num_heads: attention heads; must divide ``dim`` and be divisible by ``len(dilations)``.
+        kernel_size: odd window size.
+        dilations: dilation rate of each head group.
+        qkv_bias: bias in the qkv projection.
+        qk_scale: logit scale, default ``head_dim ** -0.5``.
+        attn_drop: dropout on the attention probabilities (needs the materialised probabilities, so a layer
+            that trains with ``attn_drop > 0`` runs the reference backend).
+        proj_drop: dropout after the output projection.
+        border: ``"zero"`` (official) or ``"clamp"`` (NATTEN); see
+            :func:`dilateformer.functional.multi_scale_dilated_attention`.
+        layout: ``"nchw"`` for ``(B, C, H, W)`` tensors (CNNs, detectors, YOLO) or ``"nhwc"`` for ``(B, H, W, C)``
+            (transformer blocks). Input and output share the layout.
+        backend: MSDA backend, ``"auto"`` by default.
+
+    Reading the attention maps: register a forward hook on ``layer.attn_drop`` (this is what
+    ``timm.utils.AttentionExtract`` does). While such a hook exists, the layer computes its probabilities
+    explicitly and passes them, shaped ``(B, H, W, heads, k, k)``, through ``attn_drop``; without one, nothing is
+    materialised and the fast backends run.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int = 3,
+        dilations: Sequence[int] = (1, 2, 3),
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        border: str = "zero",
+        layout: Layout = "nchw",
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.head_dim = check_dim_heads(dim, num_heads)
+        self.dim, self.num_heads = dim, num_heads
+        self.kernel_size = check_kernel_size(kernel_size)
+        self.dilations = check_dilations(dilations)
+        check_heads_divisible(num_heads, self.dilations, what="num_heads")
+        self.border = check_border(border)
+        self.layout = check_layout(layout)
+        self.backend = backend
+        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
+        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+            f"dilations={self.dilations}, border={self.border!r}, layout={self.layout!r}"
+        )
+
+    def _needs_explicit_probs(self) -> bool:
+        dropping = self.training and self.attn_drop.p > 0
+        return dropping or bool(self.attn_drop._forward_hooks or self.attn_drop._forward_pre_hooks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_channels_last(x, self.dim, self.layout, type(self).__name__)
+        batch, height, width, _ = x.shape
+        # The 1x1 conv is a matmul over channels: run it channels-last, where the heads come out contiguous.
+        qkv = F.linear(x, self.qkv.weight.view(3 * self.dim, self.dim), self.qkv.bias)
+        q, k, v = qkv.view(batch, height, width, 3, self.num_heads, self.head_dim).unbind(3)
+        if self._needs_explicit_probs():
+            out = msda_reference(
+                q, k, v, self.kernel_size, self.dilations, self.scale, self.border, probs_transform=self.attn_drop
+            )
+        else:
+            out = multi_scale_dilated_attention(
+                q,
+                k,
+                v,
+                self.kernel_size,
+                self.dilations,
+                scale=self.scale,
+                border=self.border,
+                backend=self.backend,
+            )
+        out = self.proj_drop(self.proj(out.reshape(batch, height, width, self.dim)))
+        return from_channels_last(out, self.layout)
+
+
+class GlobalAttention(nn.Module):
+    """Multi-head self-attention over all H*W positions: DilateFormer's deep-stage attention, and MSDA's twin.
+
+    ``qkv`` is a Linear C -> 3C ([q | k | v][head][head_dim]) and ``proj`` a Linear C -> C, as in the official
+    code; same layouts and arguments as :class:`MultiScaleDilatedAttention` where they apply. Runs through
+    ``F.scaled_dot_product_attention``, except while a hook on ``attn_drop`` asks for the probabilities
+    (shaped ``(B, heads, H*W, H*W)``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        layout: Layout = "nhwc",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.head_dim = check_dim_heads(dim, num_heads)
+        self.dim, self.num_heads = dim, num_heads
+        self.layout = check_layout(layout)
+        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, layout={self.layout!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_channels_last(x, self.dim, self.layout, type(self).__name__)
+        batch, height, width, _ = x.shape
+        qkv = self.qkv(x).view(batch, height * width, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, head_dim)
+        if self.attn_drop._forward_hooks or self.attn_drop._forward_pre_hooks:
+            probs = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(-1))
+            out = probs @ v
+        else:
+            drop = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        out = out.transpose(1, 2).reshape(batch, height, width, self.dim)
+        return from_channels_last(self.proj_drop(self.proj(out)), self.layout)

@@ -1,0 +1,36 @@
+"""MSDA backends. Each has the same signature ``(q, k, v, kernel_size, dilations, scale, border) -> out``.
+
+- ``reference``: the explicit k x k neighbourhood gather, differentiated by autograd. The oracle.
+- ``eager``: shifted views with a hand-derived backward; plain PyTorch ops, no compiler.
+- ``compiled``: the eager kernels fused by torch.compile (C++ on CPU, Triton on CUDA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dilateformer.ops.compiled import msda_compiled
+from dilateformer.ops.compiled import unavailable_reason as _compiled_unavailable
+from dilateformer.ops.eager import msda_eager
+from dilateformer.ops.reference import msda_reference
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    unavailable_reason: Callable[[torch.device], str | None]
+
+
+def _always_available(device: torch.device) -> str | None:
+    return None
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", msda_reference, _always_available),
+    "eager": Backend("eager", msda_eager, _always_available),
+    "compiled": Backend("compiled", msda_compiled, _compiled_unavailable),
+}

@@ -1,0 +1,100 @@
+"""MSDA as one PyTorch operator: ``torch.ops.dilateformer.msda_forward`` and ``msda_backward``.
+
+Registering the op with ``torch.library`` makes it a single node for autograd, FLOP counters, ``torch.export`` and
+``torch.compile(fullgraph=True)``. The kernels behind it are chosen by the ``impl`` argument, from the table that
+the eager and compiled backends fill in with :func:`register_impl`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from dilateformer.ops.kernels import compute_dtype
+
+ForwardKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+BackwardKernel = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+_IMPLS: dict[str, tuple[ForwardKernel, BackwardKernel]] = {}
+
+
+def register_impl(name: str, forward: ForwardKernel, backward: BackwardKernel) -> None:
+    _IMPLS[name] = (forward, backward)
+
+
+@torch.library.custom_op("dilateformer::msda_forward", mutates_args=())
+def msda_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: int,
+    dilations: list[int],
+    scale: float,
+    border: str,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _IMPLS[impl][0](q, k, v, kernel_size, dilations, scale, border)
+    return out.to(q.dtype), lse
+
+
+@msda_forward.register_fake
+def _(q, k, v, kernel_size, dilations, scale, border, impl):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("dilateformer::msda_backward", mutates_args=())
+def msda_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: int,
+    dilations: list[int],
+    scale: float,
+    border: str,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _IMPLS[impl][1](grad_out, q, k, v, out, lse, kernel_size, dilations, scale, border)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))
+
+
+@msda_backward.register_fake
+def _(grad_out, q, k, v, out, lse, kernel_size, dilations, scale, border, impl):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kernel_size, dilations, scale, border, impl = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.config = (kernel_size, dilations, scale, border, impl)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v = msda_backward(grad_out.contiguous(), q, k, v, out, lse, *ctx.config)
+    return grad_q, grad_k, grad_v, None, None, None, None, None
+
+
+msda_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def msda_flops(q_shape, kernel_size: int) -> int:
+    """FLOPs of MSDA's two products (q.k and p.v), counting a multiply-add as 2, like torch's matmul formulas."""
+    batch, height, width, heads, head_dim = q_shape
+    return 2 * 2 * batch * height * width * heads * head_dim * kernel_size * kernel_size
+
+
+@register_flop_formula(torch.ops.dilateformer.msda_forward)
+def _forward_flops(q_shape, k_shape, v_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    return msda_flops(q_shape, kernel_size)
+
+
+@register_flop_formula(torch.ops.dilateformer.msda_backward)
+def _backward_flops(grad_shape, q_shape, *args, out_shape=None, **kwargs) -> int:
+    # dq, dk, dv and dp are one product each, plus the recomputed logits: 5 products against the forward's 2.
+    kernel_size = args[4]
+    return msda_flops(q_shape, kernel_size) * 5 // 2
