@@ -1,0 +1,477 @@
+"""Attention maps: where an MSDA query looks, compared with where a global-attention query looks.
+
+The probabilities come from the layers' documented hook: while a forward hook sits on ``layer.attn_drop``,
+:class:`~dilateformer.nn.MultiScaleDilatedAttention` passes its probabilities ``(B, H, W, heads, k, k)``
+through ``attn_drop`` and :class:`~dilateformer.nn.GlobalAttention` passes ``(B, heads, N, N)``. Unhooked
+layers keep their fast backends, so :func:`capture_attention` costs nothing outside its ``with`` block and
+only the hooked layers pay for explicit probabilities inside it.
+``timm.utils.AttentionExtract(model, method="hook")`` uses the same hooks.
+
+Coordinates: queries are ``(y, x)`` pixels of the original image; the figure's axes are in those pixels too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import MaxNLocator
+from torch import nn
+
+from dilateformer.analysis.plots import DPI, save_figure
+from dilateformer.nn.attention import GlobalAttention, MultiScaleDilatedAttention
+from dilateformer.ops.neighborhood import head_groups, window_table
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Deepest stage stride of DilateFormer (4 * 2**3): inputs resized to a multiple keep every stage's grid exact.
+SIZE_MULTIPLE = 32
+QUERY_STYLE = dict(marker="*", color="red", markersize=14, markeredgecolor="white", ls="none", label="query")
+
+
+class InputError(ValueError):
+    """Bad user input (image, query, stage, sizes): the CLI prints its message as one line, no traceback."""
+
+
+@dataclass
+class CapturedAttention:
+    """The probabilities one layer produced, with the grid they live on."""
+
+    kind: str  # "msda" or "global"
+    probs: torch.Tensor  # msda: (B, H, W, heads, k, k); global: (B, heads, H*W, H*W)
+    grid: tuple[int, int]  # (H, W) token grid of the layer's input
+    layer: nn.Module
+
+
+@dataclass
+class GroupWindow:
+    """One dilation group's k x k window for one query: key cells, weights averaged over its heads."""
+
+    dilation: int
+    heads: range
+    rows: np.ndarray  # (k,) key row of each window slot (clamped into the grid)
+    cols: np.ndarray  # (k,)
+    valid: np.ndarray  # (k, k) False where the slot falls outside the image (zero border: a zero key)
+    weights: np.ndarray  # (k, k)
+
+
+def _attention_kind(layer: nn.Module) -> str:
+    if isinstance(layer, MultiScaleDilatedAttention):
+        return "msda"
+    if isinstance(layer, GlobalAttention):
+        return "global"
+    raise TypeError(f"not an attention layer of this package: {type(layer).__name__}")
+
+
+def _grid_of(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    return tuple(x.shape[2:4]) if layer.layout == "nchw" else tuple(x.shape[1:3])
+
+
+@contextlib.contextmanager
+def capture_attention(
+    model: nn.Module, layers: Sequence[str | nn.Module] | Mapping[str, nn.Module]
+) -> Iterator[dict[str, CapturedAttention]]:
+    """Record the attention probabilities of ``layers`` during forwards run inside the block.
+
+    ``layers`` are module names of ``model`` (``"stages.0.blocks.1.attn"``), modules, or a name -> module
+    mapping. The yielded dict fills in as the model runs, keyed by name; each entry holds the last forward's
+    probabilities, detached and on the CPU. The hooks are removed on exit, and the layers go back to their
+    fast backends.
+    """
+    if isinstance(layers, Mapping):
+        named = dict(layers)
+    else:
+        by_module = {id(m): n for n, m in model.named_modules()}
+        named = {}
+        for item in layers:
+            if isinstance(item, str):
+                named[item] = model.get_submodule(item)
+            else:
+                named[by_module.get(id(item), f"layer{len(named)}")] = item
+    records: dict[str, CapturedAttention] = {}
+    grids: dict[str, tuple[int, int]] = {}
+    handles = []
+    for name, layer in named.items():
+        kind = _attention_kind(layer)
+
+        def remember_grid(module, args, name=name):
+            grids[name] = _grid_of(module, args[0])
+
+        def record(module, args, output, name=name, kind=kind, layer=layer):
+            # The hook's input is the softmax output, before dropout: the weights the layer actually computed.
+            records[name] = CapturedAttention(kind, args[0].detach().float().cpu(), grids[name], layer)
+
+        handles.append(layer.register_forward_pre_hook(remember_grid))
+        handles.append(layer.attn_drop.register_forward_hook(record))
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def msda_windows(record: CapturedAttention, token: tuple[int, int], batch: int = 0) -> list[GroupWindow]:
+    """Each dilation group's sampled key cells and weights for the query at token ``(ty, tx)``."""
+    layer = record.layer
+    height, width = record.grid
+    ty, tx = token
+    probs = record.probs[batch, ty, tx]  # (heads, k, k)
+    windows = []
+    for heads, dilation in head_groups(layer.num_heads, layer.dilations):
+        rows, rows_valid = window_table(height, layer.kernel_size, dilation, layer.border)
+        cols, cols_valid = window_table(width, layer.kernel_size, dilation, layer.border)
+        valid = rows_valid[ty][:, None] & cols_valid[tx][None, :]
+        windows.append(
+            GroupWindow(
+                dilation=dilation,
+                heads=range(heads.start, heads.stop),
+                rows=rows[ty].numpy(),
+                cols=cols[tx].numpy(),
+                valid=valid.numpy(),
+                weights=probs[heads].mean(0).numpy(),
+            )
+        )
+    return windows
+
+
+def global_map(record: CapturedAttention, token: tuple[int, int], batch: int = 0) -> np.ndarray:
+    """The query's attention over the whole token grid, mean over heads: an (H, W) array summing to 1."""
+    height, width = record.grid
+    index = token[0] * width + token[1]
+    return record.probs[batch, :, index].mean(0).view(height, width).numpy()
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+def attention_layers(model: nn.Module) -> dict[tuple[int, int], nn.Module]:
+    """``(stage, block) -> attention layer`` of a DilateFormer-shaped model (``stages[i].blocks[j].attn``)."""
+    stages = getattr(model, "stages", None)
+    if stages is None:
+        raise InputError(f"{type(model).__name__} has no .stages: expected a DilateFormer model")
+    found = {}
+    for i, stage in enumerate(stages):
+        for j, block in enumerate(getattr(stage, "blocks", ())):
+            attn = getattr(block, "attn", None)
+            if isinstance(attn, (MultiScaleDilatedAttention, GlobalAttention)):
+                found[(i, j)] = attn
+    return found
+
+
+def stages_with(model: nn.Module, kind: type[nn.Module]) -> list[int]:
+    return sorted({s for (s, _), layer in attention_layers(model).items() if isinstance(layer, kind)})
+
+
+def pick_msda_layer(model: nn.Module, stage: int, block: int) -> tuple[str, nn.Module]:
+    layers = attention_layers(model)
+    msda = stages_with(model, MultiScaleDilatedAttention)
+    if not msda:
+        raise InputError("this model has no MSDA layer in any stage")
+    if (stage, 0) not in layers:
+        raise InputError(f"stage {stage} does not exist; the model has stages 0-{max(s for s, _ in layers)}")
+    if stage not in msda:
+        raise InputError(
+            f"stage {stage} has no MSDA (it uses global attention); "
+            f"stages with MSDA: {', '.join(map(str, msda))}"
+        )
+    blocks = sorted(b for s, b in layers if s == stage)
+    if block not in blocks:
+        raise InputError(f"stage {stage} has blocks 0-{blocks[-1]}, got --block {block}")
+    return f"stages.{stage}.blocks.{block}.attn", layers[(stage, block)]
+
+
+def pick_global_layer(
+    model: nn.Module, twin: nn.Module | None, stage: int, block: int
+) -> tuple[nn.Module, str, str]:
+    """The global layer to compare with: the twin's layer at the same place, else the first global stage's.
+
+    Returns ``(model_to_run, layer_name, description)``.
+    """
+    if twin is not None:
+        layer = attention_layers(twin).get((stage, block))
+        if isinstance(layer, GlobalAttention):
+            return twin, f"stages.{stage}.blocks.{block}.attn", f"global twin stages.{stage}.blocks.{block}"
+    global_stages = stages_with(model, GlobalAttention)
+    if not global_stages:
+        raise InputError("no global-attention layer to compare with: pass a global-attention twin")
+    s = global_stages[0]
+    return model, f"stages.{s}.blocks.0.attn", f"this model's global stages.{s}.blocks.0"
+
+
+# ----------------------------------------------------------------------------------------------- the image
+
+
+def load_image(path: str | Path):
+    """Open an image as RGB, with a one-line error for a missing or unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"cannot read image {path}: {error}") from None
+
+
+def model_input_size(image_hw: tuple[int, int], size: int) -> tuple[int, int]:
+    """Shorter side ``size``, aspect ratio kept, both sides rounded to a multiple of 32 (at least 32)."""
+    h, w = image_hw
+    scale = size / min(h, w)
+    return tuple(max(SIZE_MULTIPLE, round(v * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE) for v in (h, w))
+
+
+def prepare_image(image, size: int, model: nn.Module) -> tuple[np.ndarray, torch.Tensor]:
+    """``image`` (PIL, HxWx3 uint8 array or path) -> (resized RGB array, normalised (1, 3, H, W) tensor)."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        image = load_image(image)
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(image.astype(np.uint8)).convert("RGB")
+    in_h, in_w = model_input_size((image.height, image.width), size)
+    resized = np.asarray(image.resize((in_w, in_h), Image.BICUBIC))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(3, 1, 1)
+    std = torch.tensor(cfg.get("std", IMAGENET_STD)).view(3, 1, 1)
+    x = (torch.from_numpy(resized.copy()).permute(2, 0, 1).float() / 255 - mean) / std
+    return resized, x.unsqueeze(0)
+
+
+def check_queries(
+    queries: Sequence[tuple[float, float]], image_hw: tuple[int, int]
+) -> list[tuple[float, float]]:
+    h, w = image_hw
+    for y, x in queries:
+        if not (0 <= y < h and 0 <= x < w):
+            raise InputError(
+                f"query y={y:g}, x={x:g} is outside the image (height {h}, width {w}; y in [0, {h}), "
+                f"x in [0, {w}))"
+            )
+    return list(queries)
+
+
+def parse_query(text: str) -> tuple[float, float]:
+    """``"y,x"`` -> (y, x) in pixels."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        y, x = (float(p) for p in parts)
+    except ValueError:
+        raise InputError(f"--query takes 'y,x' in pixels, e.g. 120,200; got {text!r}") from None
+    return y, x
+
+
+# ---------------------------------------------------------------------------------------------- the figure
+
+
+def _token(y: float, x: float, stride: float, grid: tuple[int, int]) -> tuple[int, int]:
+    return min(int(y // stride), grid[0] - 1), min(int(x // stride), grid[1] - 1)
+
+
+def attention_figure(
+    image,
+    model: nn.Module,
+    queries: Sequence[tuple[float, float]] | None = None,
+    stage: int = 0,
+    block: int = 0,
+    output: str | Path | None = None,
+    *,
+    twin: nn.Module | None = None,
+    size: int = 224,
+):
+    """Draw where MSDA and global attention look for each query; write a PNG if ``output`` is given.
+
+    Args:
+        image: a path, a PIL image or an HxWx3 uint8 array (e.g. ``skimage.data.chelsea()``).
+        model: a DilateFormer-shaped model (``model.stages[i].blocks[j].attn``), in eval mode or not.
+        queries: ``(y, x)`` pixels of ``image``; default its centre.
+        stage, block: the MSDA layer to show.
+        output: PNG path.
+        twin: a global-attention twin (e.g. :func:`global_twin`); its layer at ``(stage, block)`` is the
+            comparison. Without one, the comparison is this model's first global stage.
+        size: shorter side of the model input; both sides are rounded to a multiple of 32.
+
+    Returns the matplotlib Figure (closed if it was written to ``output``).
+    """
+    import matplotlib.pyplot as plt
+
+    layer_name, msda_layer = pick_msda_layer(model, stage, block)
+    if isinstance(image, (str, Path)):
+        image = load_image(image)
+    image_hw = (image.height, image.width) if hasattr(image, "height") else tuple(np.asarray(image).shape[:2])
+    queries = check_queries(queries or [((image_hw[0] - 1) / 2, (image_hw[1] - 1) / 2)], image_hw)
+    resized, x = prepare_image(image, size, model)
+    in_hw = resized.shape[:2]
+    sy, sx = image_hw[0] / in_hw[0], image_hw[1] / in_hw[1]  # model pixels -> original pixels
+
+    global_model, global_name, global_desc = pick_global_layer(model, twin, stage, block)
+    msda_rec = _run_and_capture(model, layer_name, x)
+    glob_rec = _run_and_capture(global_model, global_name, x)
+    msda_stride = in_hw[0] / msda_rec.grid[0]
+    glob_stride = in_hw[0] / glob_rec.grid[0]
+
+    n_groups = len(msda_layer.dilations)
+    ncols = n_groups + 2
+    fig, axes = plt.subplots(
+        len(queries),
+        ncols,
+        figsize=(3.3 * ncols + 0.9, 3.3 * len(queries) + 1.6),
+        dpi=DPI,
+        squeeze=False,
+        layout="constrained",
+    )
+    extent = (0, image_hw[1], image_hw[0], 0)  # imshow in original pixel coordinates
+    cmap = plt.get_cmap("viridis")
+    tokens = [_token(qy / sy, qx / sx, msda_stride, msda_rec.grid) for qy, qx in queries]
+    all_windows = [msda_windows(msda_rec, token) for token in tokens]
+    # One colour scale for every MSDA panel, so weights compare across groups and queries.
+    vmax = max(float(w.weights.max()) for windows in all_windows for w in windows)
+    cell_h, cell_w = msda_stride * sy, msda_stride * sx
+    reach = (msda_layer.kernel_size // 2) * max(msda_layer.dilations) + 1.5
+    glob_artist = None
+
+    for row, ((qy, qx), (ty, tx), windows) in enumerate(zip(queries, tokens, all_windows, strict=True)):
+        crop = (
+            max(0.0, (ty + 0.5 - reach) * cell_h),
+            min(image_hw[0], (ty + 0.5 + reach) * cell_h),
+            max(0.0, (tx + 0.5 - reach) * cell_w),
+            min(image_hw[1], (tx + 0.5 + reach) * cell_w),
+        )
+        ax = axes[row, 0]
+        ax.imshow(resized, extent=extent)
+        ax.plot(qx, qy, **QUERY_STYLE)
+        ax.add_patch(
+            Rectangle(
+                (crop[2], crop[0]), crop[3] - crop[2], crop[1] - crop[0], fill=False, ec="yellow", lw=1.5
+            )
+        )
+        ax.set_title(f"query {row + 1}: y={qy:g}, x={qx:g}", fontsize=10)
+
+        for g, window in enumerate(windows):
+            ax = axes[row, 1 + g]
+            _draw_window(ax, window, resized, extent, (cell_h, cell_w), (ty, tx), cmap, vmax)
+            ax.set_xlim(crop[2], crop[3])
+            ax.set_ylim(crop[1], crop[0])
+
+        ax = axes[row, ncols - 1]
+        gy, gx = _token(qy / sy, qx / sx, glob_stride, glob_rec.grid)
+        # In multiples of the uniform weight 1/N: readable whatever N is, and 1 means "no preference".
+        gmap = global_map(glob_rec, (gy, gx)) * glob_rec.probs.shape[-1]
+        ax.imshow(resized, extent=extent)
+        glob_artist = ax.imshow(gmap, extent=extent, cmap="magma", alpha=0.65, interpolation="nearest")
+        ax.plot(qx, qy, **QUERY_STYLE)
+        ax.set_title(
+            f"global attention over all {gmap.size} keys\nmax {gmap.max():.2f} x uniform", fontsize=10
+        )
+
+        for ax in axes[row]:
+            ax.set_xlabel("x (pixels)")
+            ax.set_ylabel("y (pixels)")
+
+    import matplotlib as mpl
+
+    fig.colorbar(
+        mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, 100 * vmax), cmap=cmap),
+        ax=axes[:, 1 : 1 + n_groups],
+        label="MSDA weight (%), mean over the group's heads",
+        shrink=0.7,
+        location="bottom",
+    )
+    bar = fig.colorbar(
+        glob_artist, ax=axes[:, ncols - 1], label="global weight / uniform (1/N)", location="bottom"
+    )
+    bar.locator = MaxNLocator(4)
+    bar.update_ticks()
+    fig.legend(
+        handles=[
+            Line2D([], [], **QUERY_STYLE),
+            Patch(fill=False, ec="yellow", lw=1.5, label="area shown in the MSDA panels"),
+            Patch(color=cmap(0.75), label="key cell sampled by MSDA (number: weight %)"),
+            Patch(fill=False, ec="red", lw=2, label="query's own cell"),
+        ],
+        loc="outside lower center",
+        ncols=4,
+        fontsize=9,
+    )
+    fig.suptitle(
+        f"Where a query looks: MSDA {layer_name} (stride {msda_stride:g} px, {msda_layer.kernel_size}x"
+        f"{msda_layer.kernel_size} window) vs {global_desc} (stride {glob_stride:g} px); "
+        f"model input {in_hw[0]}x{in_hw[1]}",
+        fontsize=12,
+    )
+    if output is not None:
+        save_figure(fig, output)
+    return fig
+
+
+def _run_and_capture(model: nn.Module, name: str, x: torch.Tensor) -> CapturedAttention:
+    was_training = model.training
+    model.eval()  # dropout off: the weights shown are the ones inference uses
+    try:
+        with torch.no_grad(), capture_attention(model, [name]) as captured:
+            model(x)
+    finally:
+        model.train(was_training)
+    return captured[name]
+
+
+def _draw_window(ax, window: GroupWindow, image, extent, cell, query, cmap, vmax: float) -> None:
+    cell_h, cell_w = cell
+    ax.imshow(image, extent=extent, alpha=0.55)
+    k = len(window.rows)
+    for a in range(k):
+        for b in range(k):
+            if not window.valid[a, b]:
+                continue  # a zero-padding slot: no image position to draw; its weight goes in the title
+            wgt = float(window.weights[a, b])
+            top, left = window.rows[a] * cell_h, window.cols[b] * cell_w
+            ax.add_patch(
+                Rectangle((left, top), cell_w, cell_h, color=cmap(wgt / vmax if vmax > 0 else 0), alpha=0.85)
+            )
+            color = "white" if wgt < 0.6 * vmax else "black"
+            ax.text(
+                left + cell_w / 2,
+                top + cell_h / 2,
+                f"{100 * wgt:.0f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color=color,
+            )
+    ax.add_patch(
+        Rectangle((query[1] * cell_w, query[0] * cell_h), cell_w, cell_h, fill=False, ec="red", lw=2)
+    )
+    first, last = window.heads.start, window.heads.stop - 1
+    heads = f"head {first}" if first == last else f"heads {first}-{last}"
+    title = f"MSDA dilation {window.dilation} ({heads})"
+    outside = float(window.weights[~window.valid].sum())
+    if outside > 0:
+        title += f"\n{100 * outside:.0f}% on zero padding outside the image"
+    ax.set_title(title, fontsize=10)
+
+
+def global_twin(model_name: str, source: nn.Module | None = None, **kwargs) -> nn.Module:
+    """The global-attention twin of a registered DilateFormer variant (``attn_types=("global",) * 4``).
+
+    With ``source``, the twin gets ``source``'s weights: the parameters are the same set, only MSDA's 1x1-conv
+    ``qkv`` weight is reshaped to the twin's Linear. The twin's first layer then sees exactly the input the
+    MSDA layer saw, so the comparison shows where the same queries and keys would look without the window.
+    """
+    import timm
+
+    import dilateformer.models  # noqa: F401  (registers the timm models)
+
+    twin = timm.create_model(model_name, attn_types=("global",) * 4, **kwargs)
+    if source is not None:
+        target = twin.state_dict()
+        state = {k: v.reshape(target[k].shape) if k in target else v for k, v in source.state_dict().items()}
+        twin.load_state_dict(state)
+    return twin
