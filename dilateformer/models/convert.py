@@ -1,0 +1,270 @@
+"""Official DilateFormer checkpoints -> this project's state dicts, and safe loading and saving of weights.
+
+Official files are pickles (``torch.save``). They are read with ``torch.load(weights_only=True)``, which
+refuses any global that is not allow-listed; only :class:`argparse.Namespace` (the ``args`` entry of a
+training checkpoint) is added to that list. A pickle that tries to call anything else is refused with a
+ValueError. This project's own weights are safetensors files, written atomically (temp file, then
+``os.replace``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "convert_official_checkpoint",
+    "is_official_state_dict",
+    "load_checkpoint_file",
+    "load_into",
+    "match_state_dict",
+    "load_weights",
+    "save_weights",
+    "describe_state_dict",
+]
+
+# Training checkpoints keep more than tensors; these are the only non-tensor globals they need.
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+_OFFICIAL_DOWNSAMPLE = re.compile(r"^stages\.(\d+)\.downsample\.proj\.([01])\.(.+)$")
+
+
+def is_official_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """Whether the keys follow the official code (``patch_embed.proj.*``, ``stages.i.downsample.proj.*``)."""
+    return any(k.startswith("patch_embed.") or _OFFICIAL_DOWNSAMPLE.match(k) for k in state_dict)
+
+
+def _unwrap(obj: Any, use_ema: bool) -> Mapping[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise TypeError(
+            f"checkpoint must be a state dict or a training-checkpoint dict, got {type(obj).__name__}"
+        )
+    order = ("model_ema", "state_dict_ema", "model", "state_dict") if use_ema else ("model", "state_dict")
+    for key in order:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping):
+            return inner
+    if any(isinstance(v, Mapping) for v in obj.values()) and not any(
+        isinstance(v, torch.Tensor) for v in obj.values()
+    ):
+        raise ValueError(
+            f"checkpoint is a dict of {sorted(obj)[:8]} without a 'model' or 'state_dict' entry; "
+            "pass the state dict itself"
+        )
+    return obj
+
+
+def convert_official_checkpoint(obj: Mapping[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """An official DilateFormer state dict or training checkpoint, as a state dict for :class:`DilateFormer`.
+
+    Args:
+        obj: a raw official state dict, or a training checkpoint ``{'model': ..., 'model_ema': ...,
+            'args': argparse.Namespace, ...}`` (as read by :func:`load_checkpoint_file`). A state dict already
+            in this project's format passes through unchanged, so the function is safe to apply twice.
+        use_ema: take ``model_ema`` (when present) instead of ``model``.
+
+    Returns:
+        A new dict of tensors: ``patch_embed.proj.N`` becomes ``stem.N``; the downsampling that the official
+        code runs at the end of stage i (``stages.i.downsample.proj.{0,1}``) becomes the start of stage i + 1
+        (``stages.{i+1}.downsample.{conv,norm}``); blocks, ``norm`` and ``head`` keep their names. A DDP
+        ``module.`` prefix is dropped.
+    """
+    state_dict = _unwrap(obj, use_ema)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state dict entry {key!r} must be a tensor, got {type(value).__name__}")
+        key = key.removeprefix("module.")
+        if key.startswith("patch_embed.proj."):
+            key = "stem." + key[len("patch_embed.proj.") :]
+        else:
+            match = _OFFICIAL_DOWNSAMPLE.match(key)
+            if match:
+                stage, index, rest = match.groups()
+                key = f"stages.{int(stage) + 1}.downsample.{'conv' if index == '0' else 'norm'}.{rest}"
+        out[key] = value
+    return out
+
+
+def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Read weights from a ``.safetensors`` or ``torch.save`` file, safely, as this project's state dict.
+
+    Pickle files load with ``weights_only=True`` plus :data:`SAFE_GLOBALS`; official keys are converted.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is corrupt, is not a checkpoint, or its pickle asks for code that is not allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
+    if _is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"{str(path)!r} is not a readable safetensors file (corrupt or truncated?): {err}"
+            ) from err
+    else:
+        try:
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"refused to load {str(path)!r}: its pickle needs something that a weights-only load refuses "
+                f"(only tensors, containers and {[c.__qualname__ for c in SAFE_GLOBALS]} are accepted). "
+                f"Detail: {str(err).splitlines()[0]}"
+            ) from err
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+            raise ValueError(
+                f"{str(path)!r} is not a readable checkpoint (corrupt or truncated?): {err}"
+            ) from err
+    try:
+        return convert_official_checkpoint(obj, use_ema=use_ema)
+    except TypeError as err:
+        raise ValueError(f"{str(path)!r} does not hold a state dict: {err}") from err
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    # A torch.save file starts with a zip ("PK") or pickle (0x80) header; safetensors with an 8-byte length.
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A short guess at the architecture a state dict belongs to (embed_dim, depths, classes), for errors."""
+    stem = state_dict.get("stem.9.weight")
+    depths: dict[int, int] = {}
+    for key in state_dict:
+        match = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.", key)
+        if match:
+            stage, block = int(match[1]), int(match[2])
+            depths[stage] = max(depths.get(stage, 0), block + 1)
+    head = state_dict.get("head.weight")
+    parts = []
+    if stem is not None:
+        parts.append(f"embed_dim={stem.shape[0]}")
+    if depths:
+        parts.append(f"depths={tuple(depths.get(i, 0) for i in range(max(depths) + 1))}")
+    if head is not None:
+        parts.append(f"num_classes={head.shape[0]}")
+    return ", ".join(parts) if parts else "unrecognised keys"
+
+
+def match_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    strict: bool = True,
+    source: str = "checkpoint",
+    allow_missing_head: bool = False,
+    max_listed: int = 12,
+) -> dict[str, torch.Tensor]:
+    """The entries of ``state_dict`` (official or ours) that fit ``model``, or an error naming every mismatch.
+
+    A classifier (``head.*``) of another size is left out, so weights fine-tune to a new class count. A
+    ``(3C, C)`` qkv Linear weight and a ``(3C, C, 1, 1)`` qkv conv weight are reshaped into each other (MSDA
+    and global attention project alike), so a model and its global-attention twin can share weights.
+
+    Raises:
+        ValueError: with ``strict``, any missing or unexpected key, or any shape mismatch outside the head;
+            the message lists them and describes the architecture the checkpoint looks like. With
+            ``allow_missing_head``, a checkpoint without a classifier is accepted.
+    """
+    state_dict = convert_official_checkpoint(state_dict)
+    own = model.state_dict()
+    matched: dict[str, torch.Tensor] = {}
+    mismatched, head_skipped = [], []
+    for key, value in state_dict.items():
+        if key not in own:
+            continue
+        target = own[key]
+        if value.shape != target.shape:
+            if value.numel() == target.numel() and key.endswith("attn.qkv.weight"):
+                value = value.reshape(target.shape)
+            elif key.startswith("head."):
+                head_skipped.append(key)
+                continue
+            else:
+                mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
+                continue
+        matched[key] = value
+    missing = [k for k in own if k not in state_dict and not (allow_missing_head and k.startswith("head."))]
+    unexpected = [k for k in state_dict if k not in own]
+    if strict and (missing or unexpected or mismatched):
+        lines = [
+            f"{source} does not fit this model (checkpoint: {describe_state_dict(state_dict)}; "
+            f"model: {describe_state_dict(own)}):"
+        ]
+        for title, items in (
+            ("shape mismatches", mismatched),
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+        ):
+            if items:
+                shown = "\n    ".join(items[:max_listed])
+                more = f"\n    ... and {len(items) - max_listed} more" if len(items) > max_listed else ""
+                lines.append(f"  {len(items)} {title}:\n    {shown}{more}")
+        raise ValueError("\n".join(lines))
+    return matched
+
+
+def load_into(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True, source: str = "checkpoint"
+) -> None:
+    """Load a state dict (official or ours) into ``model``, with the checks of :func:`match_state_dict`.
+
+    A classifier of another size is skipped and keeps its fresh initialisation.
+    """
+    model.load_state_dict(match_state_dict(model, state_dict, strict=strict, source=source), strict=False)
+
+
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, strict: bool = True, use_ema: bool = False
+) -> None:
+    """Load a weights file (safetensors, or an official/our ``torch.save`` file) into ``model``."""
+    load_into(model, load_checkpoint_file(path, use_ema=use_ema), strict=strict, source=str(path))
+
+
+def save_weights(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Save weights as safetensors, atomically: a crash mid-write never leaves a truncated ``path``."""
+    from safetensors.torch import save_file
+
+    state = (
+        model_or_state_dict.state_dict()
+        if isinstance(model_or_state_dict, nn.Module)
+        else model_or_state_dict
+    )
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,203 @@
+"""The DilateFormer architecture: exact parameter counts, official outputs, any input size, clear errors."""
+
+import argparse
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import dilateformer  # noqa: F401  (registers the models)
+from dilateformer.models import DilateFormer, convert_official_checkpoint, create_dilateformer, load_into
+from dilateformer.nn.attention import GlobalAttention, MultiScaleDilatedAttention
+
+OFFICIAL = {
+    "dilateformer_tiny": 17_238_744,
+    "dilateformer_small": 24_057_504,
+    "dilateformer_base": 47_432_376,
+}
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def mini_model(config, **kwargs) -> DilateFormer:
+    return DilateFormer(
+        embed_dim=config["embed_dim"],
+        depths=config["depths"],
+        num_heads=config["num_heads"],
+        num_classes=config["num_classes"],
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_param_counts_are_exact(name):
+    assert num_params(timm.create_model(name, device="meta")) == OFFICIAL[name]
+    assert num_params(timm.create_model(name + "_384", device="meta")) == OFFICIAL[name]
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_global_twin_has_the_same_parameter_count(name):
+    msda = timm.create_model(name, device="meta")
+    twin = timm.create_model(name, device="meta", attn_types=("global",) * 4)
+    assert num_params(twin) == num_params(msda)
+    # Same tensors, name for name; only the qkv of the MSDA stages differs in shape (1x1 conv vs Linear).
+    shapes = {k: v.shape for k, v in msda.state_dict().items()}
+    twin_shapes = {k: v.shape for k, v in twin.state_dict().items()}
+    assert shapes.keys() == twin_shapes.keys()
+    differing = {k for k in shapes if shapes[k] != twin_shapes[k]}
+    assert differing and all(
+        k.endswith("attn.qkv.weight") and k.startswith(("stages.0", "stages.1")) for k in differing
+    )
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_converted_keys_match_official_key_tables(name, official_key_tables):
+    official = {k: torch.empty(shape, device="meta") for k, shape in official_key_tables[name].items()}
+    converted = convert_official_checkpoint(official)
+    model = timm.create_model(name, device="meta")
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {
+        k: tuple(v.shape) for k, v in model.state_dict().items()
+    }
+    assert official_key_tables[f"{name}.num_params"] == OFFICIAL[name]
+
+
+def test_official_mini_model_logits(official_mini_state_dict, official_mini_config, official_mini_io):
+    model = mini_model(official_mini_config).eval()
+    load_into(model, official_mini_state_dict)
+    with torch.no_grad():
+        final, stages = model.forward_intermediates(official_mini_io["input"])
+        logits = model.forward_head(final)
+        logits_48x80 = model(official_mini_io["input_48x80"])
+    for i, stage in enumerate(stages):
+        torch.testing.assert_close(stage, official_mini_io[f"stage{i}_blocks_out"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, official_mini_io["logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits_48x80, official_mini_io["logits_48x80"], atol=1e-4, rtol=0)
+
+
+def test_official_mini_model_through_timm(
+    official_mini_state_dict, official_mini_config, official_mini_io, tmp_path
+):
+    # Released weights are training checkpoints with an argparse.Namespace: timm loads one from a local file.
+    path = tmp_path / "official.pth"
+    torch.save(
+        {"model": official_mini_state_dict, "args": argparse.Namespace(model="mini"), "epoch": 3}, path
+    )
+    model = timm.create_model(
+        "dilateformer_nano",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
+        depths=official_mini_config["depths"],
+        num_classes=10,
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(official_mini_io["input"]), official_mini_io["logits"], atol=1e-4, rtol=0
+        )
+    # A state dict passed straight through timm's own loader meets checkpoint_filter_fn instead.
+    model = timm.create_model(
+        "dilateformer_nano",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(state_dict=official_mini_state_dict, custom_load=False, num_classes=10),
+        depths=official_mini_config["depths"],
+        num_classes=10,
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(official_mini_io["input"]), official_mini_io["logits"], atol=1e-4, rtol=0
+        )
+
+
+def test_block_structure_exposes_attention_modules():
+    model = timm.create_model("dilateformer_tiny", device="meta")
+    kinds = [[type(block.attn) for block in stage.blocks] for stage in model.stages]
+    assert kinds == [
+        [MultiScaleDilatedAttention] * 2,
+        [MultiScaleDilatedAttention] * 2,
+        [GlobalAttention] * 6,
+        [GlobalAttention] * 2,
+    ]
+    msda = model.stages[0].blocks[0].attn
+    assert msda.layout == "nhwc" and msda.dilations == (1, 2, 3) and msda.kernel_size == 3
+    assert model.stages[0].blocks[0].norm1.eps == 1e-6 and model.norm.eps == 1e-6
+    all_msda = timm.create_model("dilateformer_tiny", device="meta", attn_types="msda")
+    assert all(isinstance(b.attn, MultiScaleDilatedAttention) for s in all_msda.stages for b in s.blocks)
+
+
+def test_drop_path_rises_linearly_to_the_rate():
+    model = timm.create_model("dilateformer_tiny", device="meta", drop_path_rate=0.3)
+    rates = [getattr(block.drop_path1, "drop_prob", 0.0) for stage in model.stages for block in stage.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.3) and len(rates) == 12
+    steps = [b - a for a, b in zip(rates, rates[1:], strict=False)]
+    assert all(s == pytest.approx(0.3 / 11) for s in steps)
+
+
+def test_init_linear_truncated_normal_and_zero_bias():
+    torch.manual_seed(0)
+    model = timm.create_model("dilateformer_nano")
+    fc1 = model.stages[2].blocks[0].mlp.fc1
+    assert torch.all(fc1.bias == 0)
+    assert fc1.weight.abs().max() < 0.2  # timm's trunc_normal_ cuts at +-2 absolute, i.e. ~never at std 0.02
+    assert 0.015 < fc1.weight.std() < 0.025
+
+
+@pytest.mark.parametrize("size", [(1, 1), (17, 45), (48, 80), (33, 32)])
+def test_any_input_size(size):
+    model = timm.create_model("dilateformer_nano", num_classes=5).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        logits = model(x)
+    assert feats.shape == (2, model.num_features, -(-size[0] // 32), -(-size[1] // 32))
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+
+
+def test_unknown_variant_suggests_the_closest():
+    with pytest.raises(ValueError, match="did you mean 'dilateformer_tiny'"):
+        create_dilateformer("dilateformer_tiyn")
+    assert isinstance(create_dilateformer("dilateformer_nano", num_classes=3), DilateFormer)
+
+
+def test_wrong_channels_and_layout_errors():
+    model = timm.create_model("dilateformer_nano").eval()
+    with pytest.raises(ValueError, match="expects 3 input channels"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="channels-last"):
+        model(torch.randn(1, 32, 32, 3))
+    with pytest.raises(ValueError, match="4-D"):
+        model(torch.randn(3, 32, 32))
+
+
+def test_too_small_input_errors():
+    model = timm.create_model("dilateformer_nano")
+    with pytest.raises(ValueError, match=">= 1"):
+        model.eval()(torch.randn(1, 3, 0, 8))
+    with pytest.raises(ValueError, match="too small to train with batch size 1"):
+        model.train()(torch.randn(1, 3, 32, 32))
+    model.train()(torch.randn(1, 3, 33, 32))  # a 2x1 last stage trains
+
+
+def test_heads_must_divide_width_and_dilations():
+    with pytest.raises(ValueError, match="should be divisible by num_heads"):
+        DilateFormer(embed_dim=70, depths=(1, 1, 1, 1), num_heads=(3, 6, 12, 24), device="meta")
+    with pytest.raises(ValueError, match="dilation groups"):
+        DilateFormer(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(4, 8, 16, 32), device="meta")
+    # Global-attention stages do not split heads into dilation groups.
+    DilateFormer(
+        embed_dim=32, depths=(1, 1, 1, 1), num_heads=(4, 8, 16, 32), attn_types="global", device="meta"
+    )
+    with pytest.raises(ValueError, match="did you mean 'global'"):
+        DilateFormer(attn_types=("msda", "msda", "globl", "global"), device="meta")
+    with pytest.raises(ValueError, match="one entry per stage"):
+        DilateFormer(attn_types=("msda", "global"), device="meta")
+
+
+def test_train_step_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = timm.create_model("dilateformer_nano", num_classes=4, drop_path_rate=0.1).train()
+    loss = nn.functional.cross_entropy(model(torch.randn(2, 3, 40, 56)), torch.tensor([0, 3]))
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
