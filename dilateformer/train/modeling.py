@@ -1,0 +1,103 @@
+"""Building models for the commands: timm names with a closest-name hint, weights from our or official files."""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+import dilateformer.models  # noqa: F401  (registers the DilateFormer family with timm)
+from dilateformer.models import load_checkpoint_file, load_into
+from dilateformer.train.errors import CLIError
+
+
+def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
+    """``["embed_dim=24", "depths=1,1,1,1"]`` -> ``{"embed_dim": 24, "depths": (1, 1, 1, 1)}`` (Python literals)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--model-kwargs expects KEY=VALUE items, got {item!r}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word such as msda
+        if isinstance(value, list):
+            value = tuple(value)
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def check_model_name(name: str) -> str:
+    base = name.split(".", 1)[0]
+    known = timm.list_models()
+    if base in known:
+        return name
+    close = difflib.get_close_matches(base, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise CLIError(f"unknown model {name!r}{hint} (see timm.list_models('dilateformer*'))")
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    drop_path_rate: float | None = None,
+    pretrained_path: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """``timm.create_model`` with one-line errors; ``pretrained_path`` is a local file, nothing is downloaded."""
+    check_model_name(name)
+    kwargs: dict[str, Any] = dict(model_kwargs or {})
+    kwargs["num_classes"] = num_classes
+    if drop_path_rate is not None:
+        kwargs["drop_path_rate"] = drop_path_rate
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError) as error:
+        raise CLIError(f"cannot build model {name} with {kwargs}: {error}") from None
+    if pretrained_path:
+        # Fine-tuning: the classifier of another size is left as initialised; everything else must fit.
+        load_file_into(model, pretrained_path, strict=True)
+    return model
+
+
+def load_file_into(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
+    """Load our safetensors, an official ``.pth`` or a training checkpoint; mismatches become a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"checkpoint {path} does not exist")
+    try:
+        state = load_checkpoint_file(path)
+        load_into(model, state, strict=strict, source=str(path))
+    except ValueError as error:
+        raise CLIError(one_line(str(error))) from None
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        load_into(model, state, strict=True, source=source)
+    except ValueError as error:
+        raise CLIError(one_line(str(error))) from None
+
+
+def one_line(text: str) -> str:
+    """Fold a multi-line message (a key listing) into one line for the terminal."""
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip()).replace(":;", ":")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP and ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
