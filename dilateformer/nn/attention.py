@@ -147,7 +147,14 @@ class MultiScaleDilatedAttention(nn.Module):
         q, k, v = qkv.view(batch, height, width, 3, self.num_heads, self.head_dim).unbind(3)
         if self._needs_explicit_probs():
             out = msda_reference(
-                q, k, v, self.kernel_size, self.dilations, self.scale, self.border, probs_transform=self.attn_drop
+                q,
+                k,
+                v,
+                self.kernel_size,
+                self.dilations,
+                self.scale,
+                self.border,
+                probs_transform=self.attn_drop,
             )
         else:
             out = multi_scale_dilated_attention(

@@ -12,7 +12,9 @@ The backward recomputes the probabilities from the saved log-sum-exp, as flash a
     dq   = sum_s ds_s * k_s,   dk[key(s)] += ds_s * q,   dv[key(s)] += p_s * dout
 
 With border "zero", keys outside the image are zero vectors: their logit is 0 and they still count in the softmax,
-which the zero padding gives for free; their gradients land in the padding and are cropped away.
+which the zero padding gives for free. dk and dv are then gathered rather than scattered: the key at p receives
+slot s from the query at p - offset(s), a mirrored shifted view of the zero-padded per-query gradients. With border
+"clamp" several queries can share a key in the same slot, so dk and dv are scatter-added.
 
 The same source runs eagerly and under torch.compile (in-place updates of local buffers are functionalised there).
 """
@@ -67,18 +69,17 @@ class _Window:
             return None
         return ~self.valid[None, :, :, a, b, None]
 
-    def accumulate(self, target: torch.Tensor, a: int, b: int, weight: torch.Tensor, x: torch.Tensor) -> None:
-        """target[key of slot (a, b)] += weight * x, where target is what prepare() returns for gradients."""
-        if self.border == "zero":
-            self.take(target, a, b).addcmul_(weight, x)
-            return
+    def take_mirrored(self, prepared: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """For border "zero": at each key position, the query whose slot (a, b) reads that key.
+
+        Reading gradients back this way turns the backward's scatter into a gather, which fuses.
+        """
+        return self.take(prepared, self.kernel_size - 1 - a, self.kernel_size - 1 - b)
+
+    def scatter_add(self, target: torch.Tensor, a: int, b: int, weight: torch.Tensor, x: torch.Tensor) -> None:
+        """For border "clamp": target[key of slot (a, b)] += weight * x (several queries may share a key)."""
         index = (self.rows[:, a, None], self.cols[None, :, b])
         target.permute(1, 2, 0, 3, 4).index_put_(index, (weight * x).permute(1, 2, 0, 3, 4), accumulate=True)
-
-    def crop(self, prepared: torch.Tensor) -> torch.Tensor:
-        if self.border == "zero":
-            return prepared[:, self.pad : self.pad + self.height, self.pad : self.pad + self.width]
-        return prepared
 
 
 def _group_logits(q, keys, window: _Window, scale: float) -> torch.Tensor:
@@ -147,8 +148,9 @@ def msda_backward(
         group_lse = lse[..., heads]
         delta = torch.linalg.vecdot(dout, out[..., heads, :])
         dq = torch.zeros_like(qg)
-        dk, dv = torch.zeros_like(keys), torch.zeros_like(values)
-        for a, b in window.slots():
+        probs = qg.new_empty(qg.shape[:-1] + (window.kernel_size**2,))
+        dlogits = torch.empty_like(probs)
+        for s, (a, b) in enumerate(window.slots()):
             key, value = window.take(keys, a, b), window.take(values, a, b)
             prob = torch.exp(torch.linalg.vecdot(qg, key) * scale - group_lse)
             mask = window.mask(a, b)
@@ -156,9 +158,19 @@ def msda_backward(
                 prob = prob.masked_fill(mask, 0.0)
             dlogit = prob * (torch.linalg.vecdot(dout, value) - delta) * scale
             dq.addcmul_(dlogit.unsqueeze(-1), key)
-            window.accumulate(dk, a, b, dlogit.unsqueeze(-1), qg)
-            window.accumulate(dv, a, b, prob.unsqueeze(-1), dout)
+            probs[..., s], dlogits[..., s] = prob, dlogit
+        dk, dv = torch.zeros_like(qg), torch.zeros_like(qg)
+        if border == "zero":
+            probs, dlogits = window.prepare(probs), window.prepare(dlogits)
+            queries, douts = window.prepare(qg), window.prepare(dout)
+            for s, (a, b) in enumerate(window.slots()):
+                dk.addcmul_(window.take_mirrored(dlogits, a, b)[..., s, None], window.take_mirrored(queries, a, b))
+                dv.addcmul_(window.take_mirrored(probs, a, b)[..., s, None], window.take_mirrored(douts, a, b))
+        else:
+            for s, (a, b) in enumerate(window.slots()):
+                window.scatter_add(dk, a, b, dlogits[..., s, None], qg)
+                window.scatter_add(dv, a, b, probs[..., s, None], dout)
         grad_q[..., heads, :] = dq
-        grad_k[..., heads, :] = window.crop(dk)
-        grad_v[..., heads, :] = window.crop(dv)
+        grad_k[..., heads, :] = dk
+        grad_v[..., heads, :] = dv
     return grad_q, grad_k, grad_v

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from dilateformer.ops.kernels import compute_dtype
 from dilateformer.ops.neighborhood import head_groups, window_table
 
 
@@ -31,6 +32,8 @@ def msda_reference(
     the hook for attention dropout and for reading the attention maps out.
     """
     batch, height, width, num_heads, head_dim = q.shape
+    input_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     groups = head_groups(num_heads, dilations)
     all_probs, all_values = [], []
     for heads, dilation in groups:
@@ -59,4 +62,4 @@ def msda_reference(
         torch.einsum("nyxhij,nyxijhd->nyxhd", probs[..., heads, :, :], values)
         for (heads, _), values in zip(groups, all_values, strict=True)
     ]
-    return torch.cat(outputs, dim=3)
+    return torch.cat(outputs, dim=3).to(input_dtype)

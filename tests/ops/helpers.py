@@ -1,0 +1,58 @@
+"""Shared test data for the MSDA op tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+OFFICIAL_CASES = FIXTURES / "msda_single_group_cases.safetensors"
+
+
+def official_cases() -> list[dict]:
+    """The official code's single-group cases, converted to the op's (B, H, W, heads, head_dim) layout."""
+    with safe_open(OFFICIAL_CASES, "pt") as f:
+        meta = json.loads(f.metadata()["cases"])
+    tensors = load_file(OFFICIAL_CASES)
+    cases = []
+    for case in meta:
+        b, h, d, y, x = case["batch"], case["heads"], case["head_dim"], case["height"], case["width"]
+
+        def channels_first(t, b=b, h=h, d=d, y=y, x=x):
+            return t.view(b, h, d, y, x).permute(0, 3, 4, 1, 2).contiguous()
+
+        def channels_last(t, b=b, h=h, d=d, y=y, x=x):
+            return t.reshape(b, y, x, h, d)
+
+        name = case["name"]
+        cases.append(
+            {
+                **case,
+                "q": channels_first(tensors[f"{name}.q"]),
+                "k": channels_first(tensors[f"{name}.k"]),
+                "v": channels_first(tensors[f"{name}.v"]),
+                "out": channels_last(tensors[f"{name}.out"]),
+                "grad_out": channels_last(tensors[f"{name}.grad_out"]),
+                "grad_q": channels_first(tensors[f"{name}.grad_q"]),
+                "grad_k": channels_first(tensors[f"{name}.grad_k"]),
+                "grad_v": channels_first(tensors[f"{name}.grad_v"]),
+            }
+        )
+    return cases
+
+
+def random_qkv(shape, dtype=torch.float64, seed=0, requires_grad=True):
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=generator, dtype=dtype).requires_grad_(requires_grad) for _ in range(3))
+
+
+def forward_backward(fn, q, k, v, grad_out=None):
+    out = fn(q, k, v)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(123), dtype=out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return out, grads

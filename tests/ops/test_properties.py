@@ -1,0 +1,84 @@
+"""Property tests: every backend agrees with the reference on random shapes, kernels, dilations, borders."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dilateformer.functional import multi_scale_dilated_attention as msda
+from tests.ops.helpers import forward_backward, random_qkv
+
+SIZES = st.integers(1, 20)
+KERNELS = st.sampled_from([1, 3, 5, 7])
+
+
+@st.composite
+def msda_problems(draw, sizes=SIZES, kernels=KERNELS):
+    groups = draw(st.integers(1, 3))
+    return dict(
+        shape=(
+            draw(st.integers(1, 3)),
+            draw(sizes),
+            draw(sizes),
+            groups * draw(st.integers(1, 2)),
+            draw(st.integers(1, 4)),
+        ),
+        kernel_size=draw(kernels),
+        dilations=tuple(draw(st.integers(1, 4)) for _ in range(groups)),
+        border=draw(st.sampled_from(["zero", "clamp"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _assert_backend_matches_reference(problem, backend):
+    q, k, v = random_qkv(problem["shape"], seed=problem["seed"])
+    options = dict(kernel_size=problem["kernel_size"], dilations=problem["dilations"], border=problem["border"])
+    out_ref, grads_ref = forward_backward(functools.partial(msda, **options, backend="reference"), q, k, v)
+    out_new, grads_new = forward_backward(functools.partial(msda, **options, backend=backend), q, k, v)
+    torch.testing.assert_close(out_new, out_ref, rtol=0, atol=1e-9)
+    for a, b in zip(grads_new, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=msda_problems())
+def test_eager_agrees_with_reference(problem):
+    _assert_backend_matches_reference(problem, "eager")
+
+
+@st.composite
+def compiled_problems(draw):
+    # One configuration per border, random sizes >= 2: the examples then share two compiled graphs per border
+    # (exact sizes, then symbolic sizes) instead of paying a compile of several seconds each.
+    size = st.integers(2, 20)
+    return dict(
+        shape=(draw(st.integers(2, 3)), draw(size), draw(size), 4, 3),
+        kernel_size=3,
+        dilations=(1, 2),
+        border=draw(st.sampled_from(["zero", "clamp"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.mark.slow
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=compiled_problems())
+def test_compiled_agrees_with_reference(problem):
+    _assert_backend_matches_reference(problem, "compiled")
+
+
+@settings(max_examples=30, deadline=None)
+@given(problem=msda_problems(sizes=st.integers(1, 8)))
+def test_output_is_a_convex_combination_of_window_values(problem):
+    q, k, v = random_qkv(problem["shape"], seed=problem["seed"], requires_grad=False)
+    ones = torch.ones_like(v)
+    options = dict(kernel_size=problem["kernel_size"], dilations=problem["dilations"], border=problem["border"])
+    weight_sum = msda(q, k, ones, **options, backend="eager")
+    if problem["border"] == "clamp":
+        torch.testing.assert_close(weight_sum, ones)  # every slot is a real key
+    else:
+        assert (weight_sum <= 1 + 1e-12).all() and (weight_sum > 0).all()  # zero keys absorb some weight
