@@ -47,17 +47,13 @@ def is_official_state_dict(state_dict: Mapping[str, Any]) -> bool:
 
 def _unwrap(obj: Any, use_ema: bool) -> Mapping[str, Any]:
     if not isinstance(obj, Mapping):
-        raise TypeError(
-            f"checkpoint must be a state dict or a training-checkpoint dict, got {type(obj).__name__}"
-        )
+        raise TypeError(f"checkpoint must be a state dict or a training-checkpoint dict, got {type(obj).__name__}")
     order = ("model_ema", "state_dict_ema", "model", "state_dict") if use_ema else ("model", "state_dict")
     for key in order:
         inner = obj.get(key)
         if isinstance(inner, Mapping):
             return inner
-    if any(isinstance(v, Mapping) for v in obj.values()) and not any(
-        isinstance(v, torch.Tensor) for v in obj.values()
-    ):
+    if any(isinstance(v, Mapping) for v in obj.values()) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(
             f"checkpoint is a dict of {sorted(obj)[:8]} without a 'model' or 'state_dict' entry; "
             "pass the state dict itself"
@@ -130,9 +126,7 @@ def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False) -> dict
                 f"Detail: {str(err).splitlines()[0]}"
             ) from err
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-            raise ValueError(
-                f"{str(path)!r} is not a readable checkpoint (corrupt or truncated?): {err}"
-            ) from err
+            raise ValueError(f"{str(path)!r} is not a readable checkpoint (corrupt or truncated?): {err}") from err
     try:
         return convert_official_checkpoint(obj, use_ema=use_ema)
     except TypeError as err:
@@ -191,10 +185,11 @@ def match_state_dict(
     own = model.state_dict()
     matched: dict[str, torch.Tensor] = {}
     mismatched, head_skipped = [], []
-    for key, value in state_dict.items():
-        if key not in own:
+    # Walk the model's keys, so that the messages list mismatches from the stem to the head.
+    for key, target in own.items():
+        if key not in state_dict:
             continue
-        target = own[key]
+        value = state_dict[key]
         if value.shape != target.shape:
             if value.numel() == target.numel() and key.endswith("attn.qkv.weight"):
                 value = value.reshape(target.shape)
@@ -235,9 +230,7 @@ def load_into(
     model.load_state_dict(match_state_dict(model, state_dict, strict=strict, source=source), strict=False)
 
 
-def load_weights(
-    model: nn.Module, path: str | os.PathLike, strict: bool = True, use_ema: bool = False
-) -> None:
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True, use_ema: bool = False) -> None:
     """Load a weights file (safetensors, or an official/our ``torch.save`` file) into ``model``."""
     load_into(model, load_checkpoint_file(path, use_ema=use_ema), strict=strict, source=str(path))
 
@@ -250,11 +243,7 @@ def save_weights(
     """Save weights as safetensors, atomically: a crash mid-write never leaves a truncated ``path``."""
     from safetensors.torch import save_file
 
-    state = (
-        model_or_state_dict.state_dict()
-        if isinstance(model_or_state_dict, nn.Module)
-        else model_or_state_dict
-    )
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -200,9 +200,7 @@ class DilateStage(nn.Module):
             self.downsample: nn.Module = Downsample(dim_in, dim_out, norm_layer=downsample_norm_layer, **dd)
         else:
             if dim_in != dim_out:
-                raise ValueError(
-                    f"a stage without downsample keeps its width, got dim_in {dim_in} != {dim_out}"
-                )
+                raise ValueError(f"a stage without downsample keeps its width, got dim_in {dim_in} != {dim_out}")
             self.downsample = nn.Identity()
         rates = [drop_path] * depth if isinstance(drop_path, (int, float)) else list(drop_path)
         self.blocks = nn.Sequential(
@@ -358,7 +356,7 @@ class DilateFormer(nn.Module):
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.norm = norm_layer(dims[-1], **dd)
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
@@ -396,12 +394,10 @@ class DilateFormer(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool_type = global_pool
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        device, dtype = self.norm.weight.device, self.norm.weight.dtype
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        device, dtype = self.stem[0].weight.device, self.stem[0].weight.dtype
         self.head = (
-            nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
-            if num_classes > 0
-            else nn.Identity()
+            nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
         )
         if num_classes > 0:
             _init_weights(self.head)
@@ -410,21 +406,15 @@ class DilateFormer(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"DilateFormer expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
-            raise ValueError(
-                f"DilateFormer expects a 4-D (B, C, H, W) image batch, got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"DilateFormer expects a 4-D (B, C, H, W) image batch, got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
-            hint = (
-                " (it looks channels-last: permute to (B, C, H, W))" if x.shape[-1] == self.in_chans else ""
-            )
+            hint = " (it looks channels-last: permute to (B, C, H, W))" if x.shape[-1] == self.in_chans else ""
             raise ValueError(
                 f"DilateFormer(in_chans={self.in_chans}) expects {self.in_chans} input channels on axis 1, "
                 f"got shape {tuple(x.shape)}{hint}"
             )
         if x.shape[2] < 1 or x.shape[3] < 1:
-            raise ValueError(
-                f"input height and width must be >= 1 (the minimum input is 1x1), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"input height and width must be >= 1 (the minimum input is 1x1), got {tuple(x.shape)}")
         if self.training and x.shape[0] == 1 and any(isinstance(s, DilateStage) for s in self.stages[1:]):
             last = _reduced(x.shape[2], x.shape[3], 2 ** (len(self.stages) + 1))
             if last == (1, 1):

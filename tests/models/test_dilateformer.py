@@ -77,14 +77,10 @@ def test_official_mini_model_logits(official_mini_state_dict, official_mini_conf
     torch.testing.assert_close(logits_48x80, official_mini_io["logits_48x80"], atol=1e-4, rtol=0)
 
 
-def test_official_mini_model_through_timm(
-    official_mini_state_dict, official_mini_config, official_mini_io, tmp_path
-):
+def test_official_mini_model_through_timm(official_mini_state_dict, official_mini_config, official_mini_io, tmp_path):
     # Released weights are training checkpoints with an argparse.Namespace: timm loads one from a local file.
     path = tmp_path / "official.pth"
-    torch.save(
-        {"model": official_mini_state_dict, "args": argparse.Namespace(model="mini"), "epoch": 3}, path
-    )
+    torch.save({"model": official_mini_state_dict, "args": argparse.Namespace(model="mini"), "epoch": 3}, path)
     model = timm.create_model(
         "dilateformer_nano",
         pretrained=True,
@@ -93,9 +89,7 @@ def test_official_mini_model_through_timm(
         num_classes=10,
     ).eval()
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(official_mini_io["input"]), official_mini_io["logits"], atol=1e-4, rtol=0
-        )
+        torch.testing.assert_close(model(official_mini_io["input"]), official_mini_io["logits"], atol=1e-4, rtol=0)
     # A state dict passed straight through timm's own loader meets checkpoint_filter_fn instead.
     model = timm.create_model(
         "dilateformer_nano",
@@ -105,9 +99,7 @@ def test_official_mini_model_through_timm(
         num_classes=10,
     ).eval()
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(official_mini_io["input"]), official_mini_io["logits"], atol=1e-4, rtol=0
-        )
+        torch.testing.assert_close(model(official_mini_io["input"]), official_mini_io["logits"], atol=1e-4, rtol=0)
 
 
 def test_block_structure_exposes_attention_modules():
@@ -185,9 +177,7 @@ def test_heads_must_divide_width_and_dilations():
     with pytest.raises(ValueError, match="dilation groups"):
         DilateFormer(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(4, 8, 16, 32), device="meta")
     # Global-attention stages do not split heads into dilation groups.
-    DilateFormer(
-        embed_dim=32, depths=(1, 1, 1, 1), num_heads=(4, 8, 16, 32), attn_types="global", device="meta"
-    )
+    DilateFormer(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(4, 8, 16, 32), attn_types="global", device="meta")
     with pytest.raises(ValueError, match="did you mean 'global'"):
         DilateFormer(attn_types=("msda", "msda", "globl", "global"), device="meta")
     with pytest.raises(ValueError, match="one entry per stage"):
