@@ -11,6 +11,7 @@ with symbolic sizes (PyTorch's automatic dynamic shapes), and later sizes reuse 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import shutil
 
 import torch
@@ -42,19 +43,24 @@ def _backward(*args):
 library.register_impl("compiled", _forward, _backward)
 
 
+def _find_unavailable_reasons() -> dict[str, str | None]:
+    # Probed once at import: a PATH lookup per call would also break torch.compile tracing of the caller.
+    reasons: dict[str, str | None] = {"cpu": None, "cuda": None}
+    if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        reasons["cpu"] = "torch.compile needs a C++ compiler (g++ or clang++) on PATH to build CPU kernels"
+    if importlib.util.find_spec("triton") is None:
+        reasons["cuda"] = "torch.compile needs the triton package to build CUDA kernels"
+    return reasons
+
+
+_UNAVAILABLE_REASONS = _find_unavailable_reasons()
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     """Why torch.compile cannot build kernels for this device here, or None when it can."""
-    if device.type == "cpu":
-        if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
-            return "torch.compile needs a C++ compiler (g++ or clang++) on PATH to build CPU kernels"
-        return None
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "torch.compile needs the triton package to build CUDA kernels"
-        return None
-    return f"torch.compile support for device type {device.type!r} is not set up"
+    if device.type not in _UNAVAILABLE_REASONS:
+        return f"torch.compile support for device type {device.type!r} is not set up"
+    return _UNAVAILABLE_REASONS[device.type]
 
 
 def msda_compiled(q, k, v, kernel_size: int, dilations: tuple[int, ...], scale: float, border: str) -> torch.Tensor:

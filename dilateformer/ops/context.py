@@ -47,16 +47,13 @@ def use_backend(name: str) -> Iterator[None]:
         _state.forced = previous
 
 
-def _compile_is_welcome() -> bool:
-    # Inside an outer torch.compile/export the op is one opaque node either way, so skip the inner compile.
-    return not torch.compiler.is_compiling()
-
-
 def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """Resolve ``requested`` to a concrete backend, or raise if a forced one cannot run here."""
     name = default_backend() if requested == "auto" else requested
     if name == "auto":
-        if BACKENDS["compiled"].unavailable_reason(device) is None and _compile_is_welcome():
+        # Under an outer torch.compile or torch.export the op stays one opaque node, and its fused kernels
+        # still run inside it.
+        if BACKENDS["compiled"].unavailable_reason(device) is None:
             return "compiled"
         return "eager"
     reason = BACKENDS[name].unavailable_reason(device)
