@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # headless: the commands run on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 DPI = 100
 
@@ -35,7 +36,9 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float | None]) -> float | Non
     return float(np.polyfit(lx, ly, 1)[0])
 
 
-def plot_loglog_panel(ax, series: Series, title: str, xlabel: str, ylabel: str) -> None:
+def plot_loglog_panel(
+    ax, series: Series, title: str, xlabel: str, ylabel: str, xticks: Mapping[float, str] | None = None
+) -> None:
     """One log-log panel: a curve per series with its fitted slope in the legend, and slope-1/2 guides."""
     markers = "osD^v<>"
     all_x: list[float] = []
@@ -54,11 +57,13 @@ def plot_loglog_panel(ax, series: Series, title: str, xlabel: str, ylabel: str) 
         x0, y0 = min(all_x), min(y for x, y in zip(all_x, all_y, strict=True) if x == min(all_x))
         xs_ref = np.array([x0, max(all_x)])
         for power, style in ((1, ":"), (2, "--")):
-            ax.plot(
-                xs_ref, y0 * (xs_ref / x0) ** power, style, color="grey", lw=1, label=f"slope {power} guide"
-            )
+            ax.plot(xs_ref, y0 * (xs_ref / x0) ** power, style, color="grey", lw=1, label=f"slope {power} guide")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    if xticks:
+        # Label the measured points themselves (e.g. "224²"): log-scale minor labels collide when close.
+        ax.set_xticks(list(xticks), list(xticks.values()))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -67,11 +72,14 @@ def plot_loglog_panel(ax, series: Series, title: str, xlabel: str, ylabel: str) 
 
 
 def loglog_figure(
-    panels: Sequence[tuple[str, str, str, Series]], suptitle: str, panel_size=(5.0, 4.2)
+    panels: Sequence[tuple[str, str, str, Series]],
+    suptitle: str,
+    panel_size=(5.0, 4.2),
+    xticks: Mapping[float, str] | None = None,
 ) -> Figure:
-    """A row of log-log panels, each ``(title, xlabel, ylabel, series)``."""
+    """A grid of log-log panels, each ``(title, xlabel, ylabel, series)``, sharing optional x tick labels."""
     n = max(1, len(panels))
-    cols = min(n, 3)
+    cols = 2 if n == 4 else min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(
         rows,
@@ -82,7 +90,7 @@ def loglog_figure(
         layout="constrained",
     )
     for ax, (title, xlabel, ylabel, series) in zip(axes.flat, panels, strict=False):
-        plot_loglog_panel(ax, series, title, xlabel, ylabel)
+        plot_loglog_panel(ax, series, title, xlabel, ylabel, xticks)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(suptitle, fontsize=13)

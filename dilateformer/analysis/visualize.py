@@ -177,8 +177,7 @@ def pick_msda_layer(model: nn.Module, stage: int, block: int) -> tuple[str, nn.M
         raise InputError(f"stage {stage} does not exist; the model has stages 0-{max(s for s, _ in layers)}")
     if stage not in msda:
         raise InputError(
-            f"stage {stage} has no MSDA (it uses global attention); "
-            f"stages with MSDA: {', '.join(map(str, msda))}"
+            f"stage {stage} has no MSDA (it uses global attention); stages with MSDA: {', '.join(map(str, msda))}"
         )
     blocks = sorted(b for s, b in layers if s == stage)
     if block not in blocks:
@@ -186,9 +185,7 @@ def pick_msda_layer(model: nn.Module, stage: int, block: int) -> tuple[str, nn.M
     return f"stages.{stage}.blocks.{block}.attn", layers[(stage, block)]
 
 
-def pick_global_layer(
-    model: nn.Module, twin: nn.Module | None, stage: int, block: int
-) -> tuple[nn.Module, str, str]:
+def pick_global_layer(model: nn.Module, twin: nn.Module | None, stage: int, block: int) -> tuple[nn.Module, str, str]:
     """The global layer to compare with: the twin's layer at the same place, else the first global stage's.
 
     Returns ``(model_to_run, layer_name, description)``.
@@ -244,15 +241,12 @@ def prepare_image(image, size: int, model: nn.Module) -> tuple[np.ndarray, torch
     return resized, x.unsqueeze(0)
 
 
-def check_queries(
-    queries: Sequence[tuple[float, float]], image_hw: tuple[int, int]
-) -> list[tuple[float, float]]:
+def check_queries(queries: Sequence[tuple[float, float]], image_hw: tuple[int, int]) -> list[tuple[float, float]]:
     h, w = image_hw
     for y, x in queries:
         if not (0 <= y < h and 0 <= x < w):
             raise InputError(
-                f"query y={y:g}, x={x:g} is outside the image (height {h}, width {w}; y in [0, {h}), "
-                f"x in [0, {w}))"
+                f"query y={y:g}, x={x:g} is outside the image (height {h}, width {w}; y in [0, {h}), x in [0, {w}))"
             )
     return list(queries)
 
@@ -349,9 +343,7 @@ def attention_figure(
         ax.imshow(resized, extent=extent)
         ax.plot(qx, qy, **QUERY_STYLE)
         ax.add_patch(
-            Rectangle(
-                (crop[2], crop[0]), crop[3] - crop[2], crop[1] - crop[0], fill=False, ec="yellow", lw=1.5
-            )
+            Rectangle((crop[2], crop[0]), crop[3] - crop[2], crop[1] - crop[0], fill=False, ec="yellow", lw=1.5)
         )
         ax.set_title(f"query {row + 1}: y={qy:g}, x={qx:g}", fontsize=10)
 
@@ -368,9 +360,7 @@ def attention_figure(
         ax.imshow(resized, extent=extent)
         glob_artist = ax.imshow(gmap, extent=extent, cmap="magma", alpha=0.65, interpolation="nearest")
         ax.plot(qx, qy, **QUERY_STYLE)
-        ax.set_title(
-            f"global attention over all {gmap.size} keys\nmax {gmap.max():.2f} x uniform", fontsize=10
-        )
+        ax.set_title(f"global attention over all {gmap.size} keys\nmax {gmap.max():.2f} x uniform", fontsize=10)
 
         for ax in axes[row]:
             ax.set_xlabel("x (pixels)")
@@ -385,9 +375,7 @@ def attention_figure(
         shrink=0.7,
         location="bottom",
     )
-    bar = fig.colorbar(
-        glob_artist, ax=axes[:, ncols - 1], label="global weight / uniform (1/N)", location="bottom"
-    )
+    bar = fig.colorbar(glob_artist, ax=axes[:, ncols - 1], label="global weight / uniform (1/N)", location="bottom")
     bar.locator = MaxNLocator(4)
     bar.update_ticks()
     fig.legend(
@@ -433,9 +421,7 @@ def _draw_window(ax, window: GroupWindow, image, extent, cell, query, cmap, vmax
                 continue  # a zero-padding slot: no image position to draw; its weight goes in the title
             wgt = float(window.weights[a, b])
             top, left = window.rows[a] * cell_h, window.cols[b] * cell_w
-            ax.add_patch(
-                Rectangle((left, top), cell_w, cell_h, color=cmap(wgt / vmax if vmax > 0 else 0), alpha=0.85)
-            )
+            ax.add_patch(Rectangle((left, top), cell_w, cell_h, color=cmap(wgt / vmax if vmax > 0 else 0), alpha=0.85))
             color = "white" if wgt < 0.6 * vmax else "black"
             ax.text(
                 left + cell_w / 2,
@@ -446,9 +432,7 @@ def _draw_window(ax, window: GroupWindow, image, extent, cell, query, cmap, vmax
                 fontsize=8,
                 color=color,
             )
-    ax.add_patch(
-        Rectangle((query[1] * cell_w, query[0] * cell_h), cell_w, cell_h, fill=False, ec="red", lw=2)
-    )
+    ax.add_patch(Rectangle((query[1] * cell_w, query[0] * cell_h), cell_w, cell_h, fill=False, ec="red", lw=2))
     first, last = window.heads.start, window.heads.stop - 1
     heads = f"head {first}" if first == last else f"heads {first}-{last}"
     title = f"MSDA dilation {window.dilation} ({heads})"
@@ -458,20 +442,32 @@ def _draw_window(ax, window: GroupWindow, image, extent, cell, query, cmap, vmax
     ax.set_title(title, fontsize=10)
 
 
-def global_twin(model_name: str, source: nn.Module | None = None, **kwargs) -> nn.Module:
-    """The global-attention twin of a registered DilateFormer variant (``attn_types=("global",) * 4``).
+def create_registered_model(model_name: str, **kwargs) -> nn.Module:
+    """``timm.create_model`` for a DilateFormer name, with an :class:`InputError` naming the closest known one."""
+    import difflib
 
-    With ``source``, the twin gets ``source``'s weights: the parameters are the same set, only MSDA's 1x1-conv
-    ``qkv`` weight is reshaped to the twin's Linear. The twin's first layer then sees exactly the input the
-    MSDA layer saw, so the comparison shows where the same queries and keys would look without the window.
-    """
     import timm
 
     import dilateformer.models  # noqa: F401  (registers the timm models)
 
-    twin = timm.create_model(model_name, attn_types=("global",) * 4, **kwargs)
+    known = timm.list_models("dilateformer*")
+    if model_name not in known:
+        close = difflib.get_close_matches(model_name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise InputError(f"unknown model {model_name!r}; {hint}known: {', '.join(known)}")
+    return timm.create_model(model_name, **kwargs)
+
+
+def global_twin(model_name: str, source: nn.Module | None = None, **kwargs) -> nn.Module:
+    """The global-attention twin of a registered DilateFormer variant (``attn_types=("global",) * 4``).
+
+    With ``source``, the twin gets ``source``'s weights (the parameters are the same set; MSDA's 1x1-conv
+    ``qkv`` weight becomes the twin's Linear). The twin's first layer then sees exactly the input the MSDA
+    layer saw, so the comparison shows where the same queries and keys would look without the window.
+    """
+    from dilateformer.models import load_into
+
+    twin = create_registered_model(model_name, attn_types=("global",) * 4, **kwargs)
     if source is not None:
-        target = twin.state_dict()
-        state = {k: v.reshape(target[k].shape) if k in target else v for k, v in source.state_dict().items()}
-        twin.load_state_dict(state)
+        load_into(twin, source.state_dict(), source="the MSDA model's weights")
     return twin

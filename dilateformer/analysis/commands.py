@@ -1,0 +1,204 @@
+"""``dilateformer visualize``, ``profile`` and ``benchmark``: argument parsing and error reporting only.
+
+Bad input (a missing image, a query off the image, a stage without MSDA, malformed sizes) ends the command
+with one ``dilateformer COMMAND: error: ...`` line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_MODEL = "dilateformer_tiny"
+
+
+class CommandError(Exception):
+    """A failure to report as one line."""
+
+
+def _guarded(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def func(args: argparse.Namespace) -> int:
+        from dilateformer.analysis.visualize import InputError
+
+        try:
+            return run(args)
+        except (InputError, CommandError, FileNotFoundError) as error:
+            print(f"dilateformer {name}: error: {error}", file=sys.stderr)
+            return 2
+
+    return func
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _write_json(path: str | Path, payload: object) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def _create_model(name: str, checkpoint: str | None):
+    """A registered model in eval mode, with ``checkpoint``'s weights if given."""
+    from dilateformer.analysis.visualize import create_registered_model
+
+    model = create_registered_model(name)
+    if checkpoint is not None:
+        from dilateformer.models import load_checkpoint_file, load_into
+
+        try:
+            load_into(model, load_checkpoint_file(checkpoint), source=checkpoint)
+        except ValueError as error:
+            raise CommandError(str(error)) from error
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------- visualize
+
+
+def _run_visualize(args: argparse.Namespace) -> int:
+    from dilateformer.analysis.visualize import (
+        attention_figure,
+        global_twin,
+        load_image,
+        parse_query,
+        pick_msda_layer,
+    )
+
+    image = load_image(args.image)  # fail on the image before building any model
+    queries = [parse_query(q) for q in args.query] if args.query else None
+    model = _create_model(args.model, args.checkpoint)
+    pick_msda_layer(model, args.stage, args.block)  # fail on the stage before the twin costs anything
+    twin = global_twin(args.model, model).eval() if args.compare == "twin" else None
+    attention_figure(image, model, queries, args.stage, args.block, args.output, twin=twin, size=args.size)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _add_visualize(subparsers) -> None:
+    p = subparsers.add_parser(
+        "visualize",
+        help="draw where an MSDA layer's queries look, next to global attention",
+        description="Draw, for each query pixel, the k x k dilated window of every dilation group of an MSDA "
+        "layer with its attention weights, next to the attention map of a global-attention layer.",
+    )
+    p.add_argument("image", help="image file (anything Pillow reads)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", help="weights: .safetensors, or an official or torch.save checkpoint")
+    p.add_argument(
+        "--query",
+        action="append",
+        metavar="Y,X",
+        help="query pixel in the original image, row then column; repeat for several (default: the centre)",
+    )
+    p.add_argument("--stage", type=int, default=0, help="stage of the MSDA layer (default 0)")
+    p.add_argument("--block", type=int, default=0, help="block within the stage (default 0)")
+    p.add_argument(
+        "--compare",
+        choices=("twin", "stage"),
+        default="twin",
+        help="global attention from the global twin with this model's weights, at the same stage and block "
+        "(default), or from this model's first global stage",
+    )
+    p.add_argument("--size", type=int, default=224, help="shorter side of the model input in pixels (default 224)")
+    p.add_argument("--output", default="attention.png", help="PNG to write (default attention.png)")
+    p.set_defaults(func=_guarded("visualize", _run_visualize))
+
+
+# --------------------------------------------------------------------------------------------------- profile
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from dilateformer.analysis.profile import parse_sizes, profile_figure, profile_models, profile_table
+    from dilateformer.analysis.visualize import InputError
+
+    sizes = parse_sizes(args.sizes)
+    if args.batch < 1 or args.repeats < 1:
+        raise InputError(f"--batch and --repeats must be positive ints, got {args.batch} and {args.repeats}")
+    context = _backend_context(args.backend)
+    with context:
+        rows = profile_models(
+            args.model,
+            sizes,
+            args.batch,
+            timing=not args.no_timing,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            memory_budget=int(args.memory_gb * 1e9) if args.memory_gb else None,
+            time_budget_s=args.time_budget,
+            device=args.device,
+            progress=_progress,
+        )
+    print(profile_table(rows))
+    print("~ estimate (saved MB: meta-device upper bound with explicit attention matrices); - not measured")
+    _write_json(args.json, {"command": "profile", "backend": args.backend, "rows": [r.as_dict() for r in rows]})
+    profile_figure(rows, args.plot)
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
+def _backend_context(name: str):
+    import contextlib
+
+    from dilateformer import use_backend
+
+    return contextlib.nullcontext() if name == "auto" else use_backend(name)
+
+
+def _add_profile(subparsers) -> None:
+    from dilateformer.functional import BACKEND_NAMES
+
+    p = subparsers.add_parser(
+        "profile",
+        help="params, FLOPs, memory and time by input size, for a model and its global-attention twin",
+        description="For a DilateFormer model and its global-attention twin at each input size: parameters, "
+        "forward GMACs (MSDA counted through its registered FLOP formula), MB saved for backward, forward "
+        "and forward+backward ms. Writes a table, a JSON file and a log-log plot.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
+    p.add_argument("--sizes", default="224,384,512", help="square input sides, comma-separated (default 224,384,512)")
+    p.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
+    p.add_argument("--no-timing", action="store_true", help="count FLOPs and estimate memory only (seconds)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, median kept (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first, e.g. to compile (default 1)")
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="MSDA backend (default auto)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--memory-gb", type=float, help="memory a run may use (default 70%% of what is free now)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=120.0,
+        help="seconds: a run predicted to take longer is estimated, not run (default 120)",
+    )
+    p.add_argument("--json", default="profile.json", help="JSON output (default profile.json)")
+    p.add_argument("--plot", default="profile.png", help="PNG output (default profile.png)")
+    p.set_defaults(func=_guarded("profile", _run_profile))
+
+
+# ------------------------------------------------------------------------------------------------- benchmark
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    raise CommandError("the op and model benchmarks have not landed yet")
+
+
+def _add_benchmark(subparsers) -> None:
+    p = subparsers.add_parser(
+        "benchmark",
+        help="the MSDA op benchmark and the model benchmark, with baselines, as a table, JSON and a PNG",
+    )
+    p.add_argument("--json", default="benchmark.json", help="JSON output (default benchmark.json)")
+    p.add_argument("--plot", default="benchmark.png", help="PNG output (default benchmark.png)")
+    p.set_defaults(func=_guarded("benchmark", _run_benchmark))
+
+
+def register(subparsers) -> None:
+    """Add ``visualize``, ``profile`` and ``benchmark`` to the ``dilateformer`` command line."""
+    _add_visualize(subparsers)
+    _add_profile(subparsers)
+    _add_benchmark(subparsers)
