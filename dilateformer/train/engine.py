@@ -59,7 +59,7 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(text, refresh=False)
             self.bar.update(1)
-        elif step % self.log_interval == 0 or step == self.total:
+        elif step % self.log_interval == 0 or (step == self.total and self.log_interval <= self.total):
             elapsed = time.perf_counter() - self.start
             eta = elapsed / step * (self.total - step)
             fields = "  ".join(f"{k} {v}" for k, v in text.items())

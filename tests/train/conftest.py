@@ -34,18 +34,34 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data")
 
 
-def cli_env() -> dict[str, str]:
+@pytest.fixture(name="cli_env")
+def cli_env_fixture() -> dict[str, str]:
+    return _cli_env()
+
+
+def _cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", DILATEFORMER_BACKEND="eager", PYTHONUNBUFFERED="1")
     return env
 
 
-def run_cli(*args: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def _run_cli(*args: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dilateformer", *args],
         capture_output=True,
         text=True,
-        env=cli_env(),
+        env=_cli_env(),
         timeout=timeout,
         cwd=cwd,
     )
+
+
+@pytest.fixture
+def run_cli():
+    """``run_cli("train", ...)``: the CLI in a fresh single-threaded process, output captured."""
+    return _run_cli
+
+
+@pytest.fixture
+def tiny_model() -> list[str]:
+    return list(TINY_MODEL)

@@ -12,13 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from dilateformer.train.checkpoint import read_metadata
-from tests.train.conftest import TINY_MODEL, cli_env, run_cli
 
 pytestmark = pytest.mark.slow
 
 # Mixup/cutmix, RandAugment, random erasing, drop path and EMA all draw random numbers: the test covers them all.
 RECIPE = [
-    *TINY_MODEL,
+    "--model", "dilateformer_nano", "--model-kwargs", "embed_dim=12", "--img-size", "32",
     "-b", "4", "--epochs", "3", "--warmup-epochs", "1", "--lr", "1e-3", "--workers", "1",
     "--mixup", "0.8", "--cutmix", "1.0", "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25",
     "--drop-path", "0.1", "--model-ema", "--model-ema-decay", "0.9", "--seed", "7", "--log-interval", "1",
@@ -29,7 +28,9 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "last.safetensors"))
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(image_folder: Path, tmp_path: Path) -> None:
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
+    image_folder: Path, tmp_path: Path, run_cli, cli_env
+) -> None:
     reference = tmp_path / "reference"
     done = run_cli("train", "--data-dir", str(image_folder), *RECIPE, "--output", str(reference))
     assert done.returncode == 0, done.stderr
@@ -37,7 +38,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(image_folder: Path,
     interrupted = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "dilateformer", "train", "--data-dir", str(image_folder), *RECIPE]
     proc = subprocess.Popen(
-        [*cmd, "--output", str(interrupted)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=cli_env()
+        [*cmd, "--output", str(interrupted)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=cli_env,
     )
     killed_at = None
     for line in proc.stdout:  # 9 steps per epoch: kill as the 3rd step of epoch 2 is reported
@@ -66,7 +71,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(image_folder: Path,
     assert strip[0] == strip[1]
 
 
-def test_resume_auto_without_a_run_starts_fresh_and_resume_to_nothing_fails(image_folder: Path, tmp_path: Path):
-    missing = run_cli("train", "--data-dir", str(image_folder), *TINY_MODEL, "--resume", str(tmp_path / "nope"))
+def test_resume_auto_without_a_run_starts_fresh_and_resume_to_nothing_fails(
+    image_folder: Path, tmp_path: Path, run_cli, tiny_model
+):
+    missing = run_cli(
+        "train", "--data-dir", str(image_folder), *tiny_model, "--resume", str(tmp_path / "nope")
+    )
     assert missing.returncode == 2
     assert "--resume: no checkpoint at" in missing.stderr and "Traceback" not in missing.stderr
