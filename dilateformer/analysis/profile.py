@@ -42,7 +42,7 @@ class ProfileRow:
     gmacs: float  # forward multiply-adds per image, in billions
     saved_mb: float | None  # measured MB saved for backward, whole batch, weights included
     activation_mb: float | None  # the part of saved_mb that is not parameters: what grows with the input
-    saved_mb_estimate: float  # meta-device upper bound (explicit attention matrices), whole batch
+    saved_mb_estimate: float | None  # meta-device upper bound (explicit attention matrices), whole batch
     forward_ms: float | None
     forward_backward_ms: float | None
     status: str = "ok"  # "ok", "flops only", "out of memory", or "estimated: ..." with the reason
@@ -83,7 +83,7 @@ def build_pair(model_name: str, **kwargs) -> dict[str, nn.Module]:
 
 def count_flops(model: nn.Module, size: int, batch: int = 1) -> int:
     """Forward FLOPs of ``model`` on a ``batch x 3 x size x size`` input, counted on the meta device."""
-    meta = copy.deepcopy(model).to("meta")
+    meta = copy.deepcopy(model).to("meta").eval()  # inference FLOPs; eval also skips train-only input checks
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         meta(torch.empty(batch, 3, size, size, device="meta"))
     return counter.get_total_flops()
@@ -168,7 +168,6 @@ def profile_models(
             label = f"[{step}/{steps}] {model_name} ({attention}) {size}x{size} batch {batch}"
             say(f"{label}: counting FLOPs")
             flops = count_flops(model, size, 1)
-            estimate = estimate_saved_bytes(model, size, batch)
             row = ProfileRow(
                 model=model_name,
                 attention=attention,
@@ -178,11 +177,19 @@ def profile_models(
                 gmacs=flops / 2e9,
                 saved_mb=None,
                 activation_mb=None,
-                saved_mb_estimate=estimate / MB,
+                saved_mb_estimate=None,
                 forward_ms=None,
                 forward_backward_ms=None,
             )
             rows.append(row)
+            try:
+                estimate = estimate_saved_bytes(model, size, batch)
+            except ValueError as error:
+                # The model refuses this input for training (e.g. too small at batch 1): this row fails alone.
+                row.status = f"failed: {str(error).split(':')[0]}"
+                say(f"{label}: {row.status}")
+                continue
+            row.saved_mb_estimate = estimate / MB
             if not timing:
                 row.status = "flops only"
                 continue
