@@ -65,9 +65,7 @@ def _state_dict_for_safetensors(state_dict: dict[str, torch.Tensor]) -> dict[str
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
 
 
-def save_weights(
-    path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]
-) -> None:
+def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Atomically write ``state_dict`` as safetensors; ``metadata`` values are JSON-encoded."""
     path = Path(path)
     meta = {k: json.dumps(v) for k, v in metadata.items()}
@@ -82,9 +80,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as handle:
             raw = handle.metadata() or {}
     except (SafetensorError, OSError) as error:
-        raise CLIError(
-            f"cannot read checkpoint {path} ({error}); is it a complete .safetensors file?"
-        ) from None
+        raise CLIError(f"cannot read checkpoint {path} ({error}); is it a complete .safetensors file?") from None
     out = {}
     for key, value in raw.items():
         try:
@@ -99,9 +95,7 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     try:
         return load_file(str(path)), metadata
     except (SafetensorError, OSError) as error:
-        raise CLIError(
-            f"cannot read checkpoint {path} ({error}); is it a complete .safetensors file?"
-        ) from None
+        raise CLIError(f"cannot read checkpoint {path} ({error}); is it a complete .safetensors file?") from None
 
 
 def rng_state() -> dict[str, Any]:

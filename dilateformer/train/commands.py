@@ -57,9 +57,7 @@ def _add_data_args(parser: argparse.ArgumentParser, train: bool) -> None:
         metavar="NAME",
         help="built-in offline dataset instead of --data-dir: 'digits' (scikit-learn's handwritten digits, upsampled)",
     )
-    group.add_argument(
-        "--img-size", type=_positive_int, metavar="N", help="input resolution (default: recipe/model)"
-    )
+    group.add_argument("--img-size", type=_positive_int, metavar="N", help="input resolution (default: recipe/model)")
     group.add_argument("--workers", "-j", type=int, metavar="N", help="data-loading worker processes")
 
 
@@ -83,21 +81,15 @@ def _register_train(subparsers) -> None:
     )
     _add_data_args(p, train=True)
     m = p.add_argument_group("model")
-    m.add_argument(
-        "--model", metavar="NAME", help="timm model name [dilateformer_tiny; digits: dilateformer_nano]"
-    )
+    m.add_argument("--model", metavar="NAME", help="timm model name [dilateformer_tiny; digits: dilateformer_nano]")
     m.add_argument(
         "--model-kwargs",
         nargs="*",
         metavar="KEY=VALUE",
         help="extra model arguments, e.g. embed_dim=24 depths=1,1,1,1 attn_types=global,global,global,global",
     )
-    m.add_argument(
-        "--pretrained", action="store_true", default=None, help="start from --pretrained-path weights"
-    )
-    m.add_argument(
-        "--pretrained-path", metavar="FILE", help="local weights (ours or official) for --pretrained"
-    )
+    m.add_argument("--pretrained", action="store_true", default=None, help="start from --pretrained-path weights")
+    m.add_argument("--pretrained-path", metavar="FILE", help="local weights (ours or official) for --pretrained")
     m.add_argument(
         "--initial-checkpoint", metavar="FILE", help="load these weights (all keys must fit) before training"
     )
@@ -109,13 +101,9 @@ def _register_train(subparsers) -> None:
     o.add_argument(
         "-b", "--batch-size", type=_positive_int, metavar="N", help="batch size per process [128; digits 64]"
     )
-    o.add_argument(
-        "--lr", type=float, metavar="LR", help="learning rate (default: --lr-base scaled by global batch)"
-    )
+    o.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: --lr-base scaled by global batch)")
     o.add_argument("--lr-base", type=float, metavar="LR", help="lr at --lr-base-size [1e-3]")
-    o.add_argument(
-        "--lr-base-size", type=int, metavar="N", help="global batch of --lr-base [1024; digits: 64]"
-    )
+    o.add_argument("--lr-base-size", type=int, metavar="N", help="global batch of --lr-base [1024; digits: 64]")
     o.add_argument("--opt", metavar="NAME", help="timm optimizer [adamw]")
     o.add_argument("--weight-decay", type=float, metavar="WD", help="[0.05]")
     o.add_argument("--sched", metavar="NAME", help="timm scheduler [cosine]")
@@ -123,9 +111,7 @@ def _register_train(subparsers) -> None:
     o.add_argument("--warmup-lr", type=float, metavar="LR", help="[1e-6]")
     o.add_argument("--min-lr", type=float, metavar="LR", help="[1e-5]")
     o.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm [off]")
-    o.add_argument(
-        "--amp", action="store_true", default=None, help="mixed precision (fp16 on CUDA, bf16 on CPU)"
-    )
+    o.add_argument("--amp", action="store_true", default=None, help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     a = p.add_argument_group("augmentation and regularisation (timm)")
     a.add_argument("--aa", metavar="POLICY", help="auto-augment policy [rand-m9-mstd0.5-inc1; digits: none]")
     a.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup alpha [0.8; digits: 0]")
@@ -136,9 +122,7 @@ def _register_train(subparsers) -> None:
     a.add_argument("--model-ema", action="store_true", default=None, help="keep an EMA of the weights (timm)")
     a.add_argument("--model-ema-decay", type=float, metavar="D", help="[0.99996; digits: 0.998]")
     r = p.add_argument_group("run")
-    r.add_argument(
-        "--seed", type=int, metavar="N", help="random seed; data order is a function of (seed, epoch) [42]"
-    )
+    r.add_argument("--seed", type=int, metavar="N", help="random seed; data order is a function of (seed, epoch) [42]")
     r.add_argument("--output", metavar="DIR", help="run directory [output/train/MODEL-DATASET]")
     r.add_argument(
         "--resume",
@@ -146,9 +130,7 @@ def _register_train(subparsers) -> None:
         help="continue a run: its directory or last.safetensors; 'auto' resumes --output if it holds a run",
     )
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    r.add_argument(
-        "--log-interval", type=_positive_int, default=50, help="steps between log lines when not a TTY"
-    )
+    r.add_argument("--log-interval", type=_positive_int, default=50, help="steps between log lines when not a TTY")
     p.set_defaults(func=_guarded(run_train))
 
 
@@ -159,9 +141,7 @@ def _register_eval(subparsers) -> None:
         description="Evaluate a checkpoint: one of ours (a run dir or .safetensors) or an official .pth with --model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--checkpoint", required=True, metavar="PATH", help="run directory, .safetensors or official .pth"
-    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run directory, .safetensors or official .pth")
     p.add_argument("--model", metavar="NAME", help="model name, needed for checkpoints without our metadata")
     p.add_argument("--use-ema", action="store_true", help="official training checkpoints: evaluate model_ema")
     _add_data_args(p, train=False)
@@ -179,15 +159,11 @@ def _register_predict(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument(
-        "--checkpoint", required=True, metavar="PATH", help="run directory, .safetensors or official .pth"
-    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run directory, .safetensors or official .pth")
     p.add_argument("--model", metavar="NAME", help="model name, needed for checkpoints without our metadata")
     p.add_argument("--use-ema", action="store_true", help="official training checkpoints: use model_ema")
     p.add_argument("--topk", type=_positive_int, default=5, metavar="K")
-    p.add_argument(
-        "--img-size", type=_positive_int, metavar="N", help="input resolution (default: checkpoint's)"
-    )
+    p.add_argument("--img-size", type=_positive_int, metavar="N", help="input resolution (default: checkpoint's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=_guarded(run_predict))
 
@@ -204,13 +180,9 @@ def _register_demo(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--output", default="output/demo", metavar="DIR", help="where the PNG and JSON go")
-    p.add_argument(
-        "--epochs", type=_positive_int, default=None, metavar="N", help="training epochs [8; quick: 1]"
-    )
+    p.add_argument("--epochs", type=_positive_int, default=None, metavar="N", help="training epochs [8; quick: 1]")
     p.add_argument("--sizes", default=None, metavar="N,N,...", help="resolution sweep [64,96,128,192,256]")
-    p.add_argument(
-        "--quick", action="store_true", help="tiny settings that finish in seconds (tests, smoke checks)"
-    )
+    p.add_argument("--quick", action="store_true", help="tiny settings that finish in seconds (tests, smoke checks)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_guarded(_run_demo))
 
@@ -257,9 +229,7 @@ CONFIG_KEYS = (
 )  # fmt: skip
 
 
-def resolve_config(
-    args: argparse.Namespace, saved: dict[str, Any] | None
-) -> tuple[dict[str, Any], list[str]]:
+def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
     """Recipe defaults <- saved run config (on resume) <- flags given on the command line."""
     from dilateformer.train.recipes import recipe_for
 
@@ -271,10 +241,10 @@ def resolve_config(
     if saved:
         config.update({k: v for k, v in saved.items() if k in CONFIG_KEYS})
     config.update(explicit)
+    if isinstance(config.get("aa"), str) and config["aa"].lower() in ("", "none", "off"):
+        config["aa"] = None
     from_recipe = [k for k in CONFIG_KEYS if k not in explicit and not (saved and k in saved)]
-    notes = [recipe_name] + [
-        f"{k.replace('_', '-')}={config[k]}" for k in from_recipe if config.get(k) is not None
-    ]
+    notes = [recipe_name] + [f"{k.replace('_', '-')}={config[k]}" for k in from_recipe if config.get(k) is not None]
     return config, notes
 
 
@@ -340,11 +310,7 @@ def run_train(args: argparse.Namespace) -> int:
     if resume and resume != RESUME_AUTO:
         last_path = ckpt.find_last(resume)
     preliminary, _ = resolve_config(args, None)
-    output = (
-        Path(args.output)
-        if args.output
-        else (last_path.parent if last_path else _default_output(preliminary))
-    )
+    output = Path(args.output) if args.output else (last_path.parent if last_path else _default_output(preliminary))
     if resume == RESUME_AUTO and (output / "last.safetensors").exists():
         last_path = output / "last.safetensors"
     elif resume == RESUME_AUTO:
@@ -415,9 +381,7 @@ def run_train(args: argparse.Namespace) -> int:
         crop_pct=eval_crop,
     )
     train_set = build_dataset(config["dataset"] or "", config["data_dir"], "train", train_tf, img_size)
-    val_set = build_dataset(
-        config["dataset"] or "", config["data_dir"], "val", val_tf, img_size, classes=classes
-    )
+    val_set = build_dataset(config["dataset"] or "", config["data_dir"], "val", val_tf, img_size, classes=classes)
     per_rank = len(train_set) // info.world_size
     batch_size = config["batch_size"]
     if per_rank < batch_size:
@@ -450,11 +414,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     # --- optimisation (all from timm)
     global_batch = batch_size * info.world_size
-    lr = (
-        config["lr"]
-        if config["lr"] is not None
-        else config["lr_base"] * global_batch / config["lr_base_size"]
-    )
+    lr = config["lr"] if config["lr"] is not None else config["lr_base"] * global_batch / config["lr_base_size"]
     optimizer = create_optimizer_v2(model, opt=config["opt"], lr=lr, weight_decay=config["weight_decay"])
     scheduler, num_epochs = create_scheduler_v2(
         optimizer,
@@ -490,9 +450,7 @@ def run_train(args: argparse.Namespace) -> int:
         scheduler.load_state_dict(saved_state["scheduler"])
         if model_ema is not None:
             if saved_state.get("ema") is None:
-                raise CLIError(
-                    f"--model-ema: {last_path} was trained without an EMA; resume without --model-ema"
-                )
+                raise CLIError(f"--model-ema: {last_path} was trained without an EMA; resume without --model-ema")
             unwrap(model_ema).load_state_dict(saved_state["ema"])
         if saved_state.get("class_names") != classes:
             raise CLIError(
@@ -556,9 +514,7 @@ def run_train(args: argparse.Namespace) -> int:
         scheduler.step(epoch + 1)
         val = evaluate(model, val_loader, info, amp=config["amp"], desc="val")
         ema_val = (
-            evaluate(unwrap(model_ema), val_loader, info, amp=config["amp"], desc="val ema")
-            if model_ema
-            else None
+            evaluate(unwrap(model_ema), val_loader, info, amp=config["amp"], desc="val ema") if model_ema else None
         )
         judged = ema_val or val
         is_best = judged.top1 > best_top1
@@ -617,9 +573,7 @@ def run_train(args: argparse.Namespace) -> int:
         )
     if writer is not None:
         writer.close()
-    say(
-        f"done: best val top-1 {best_top1:.2f}% at epoch {best_epoch + 1}; weights {output / 'best.safetensors'}"
-    )
+    say(f"done: best val top-1 {best_top1:.2f}% at epoch {best_epoch + 1}; weights {output / 'best.safetensors'}")
     return 0
 
 
@@ -657,9 +611,7 @@ def _resolve_checkpoint_file(path: str) -> Path:
     return target
 
 
-def load_for_inference(
-    args: argparse.Namespace, device: torch.device
-) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_for_inference(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Model + metadata from our checkpoint (self-describing) or an official one (needs --model)."""
     from timm.data import resolve_data_config
 
@@ -672,15 +624,11 @@ def load_for_inference(
     if "model" in meta:
         state, _ = load_weights(path)
         name = args.model or meta["model"]
-        kwargs = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in (meta.get("model_kwargs") or {}).items()
-        }
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (meta.get("model_kwargs") or {}).items()}
         num_classes = int(meta["num_classes"])
     else:
         if not args.model:
-            raise CLIError(
-                f"{path} has no model metadata (not written by dilateformer train); pass --model NAME"
-            )
+            raise CLIError(f"{path} has no model metadata (not written by dilateformer train); pass --model NAME")
         try:
             state = load_checkpoint_file(path, use_ema=getattr(args, "use_ema", False))
         except (ValueError, FileNotFoundError) as error:
@@ -737,9 +685,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise CLIError("no data: pass --data-dir DIR (ImageFolder, its val/ is used) or --dataset digits")
     names = info["class_names"]
     if names is not None and list(dataset.classes) != list(names):
-        raise CLIError(
-            f"the dataset's classes {dataset.classes[:5]}... differ from the checkpoint's {names[:5]}..."
-        )
+        raise CLIError(f"the dataset's classes {dataset.classes[:5]}... differ from the checkpoint's {names[:5]}...")
     if len(dataset.classes) != info["num_classes"]:
         raise CLIError(f"the dataset has {len(dataset.classes)} classes, the model {info['num_classes']}")
     loader = torch.utils.data.DataLoader(
@@ -755,9 +701,7 @@ def run_eval(args: argparse.Namespace) -> int:
             f"{info['model']} {info['path']}: top-1 {stats.top1:.2f}%  top-5 {stats.top5:.2f}%  loss {stats.loss:.4f}  "
             f"({stats.images} images at {info['img_size']}px, {time.perf_counter() - start:.1f}s)"
         )
-        print(
-            json.dumps({"top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "images": stats.images})
-        )
+        print(json.dumps({"top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "images": stats.images}))
     return 0
 
 

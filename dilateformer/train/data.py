@@ -75,18 +75,12 @@ def load_image(path: str) -> Image.Image:
 def scan_class_folders(root: Path) -> dict[str, list[Path]]:
     """Class name -> sorted image paths, with a clear error for a missing or empty dir or an empty class."""
     if not root.exists():
-        raise CLIError(
-            f"dataset directory {root} does not exist; pass --data-dir DIR with one folder per class"
-        )
+        raise CLIError(f"dataset directory {root} does not exist; pass --data-dir DIR with one folder per class")
     if not root.is_dir():
-        raise CLIError(
-            f"dataset path {root} is not a directory; pass --data-dir DIR with one folder per class"
-        )
+        raise CLIError(f"dataset path {root} is not a directory; pass --data-dir DIR with one folder per class")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
-        raise CLIError(
-            f"dataset directory {root} has no class folders; put each class's images in {root}/CLASS/"
-        )
+        raise CLIError(f"dataset directory {root} has no class folders; put each class's images in {root}/CLASS/")
     found: dict[str, list[Path]] = {}
     for class_dir in class_dirs:
         images = sorted(
@@ -108,21 +102,15 @@ def find_split(data_dir: str | os.PathLike, split: str) -> Path:
     """``DATA/train`` or ``DATA/val`` (``validation`` also accepted), with a clear error if absent."""
     root = Path(data_dir)
     if not root.exists():
-        raise CLIError(
-            f"dataset directory {root} does not exist; pass --data-dir DIR containing train/ and val/"
-        )
+        raise CLIError(f"dataset directory {root} does not exist; pass --data-dir DIR containing train/ and val/")
     if not root.is_dir():
-        raise CLIError(
-            f"dataset path {root} is not a directory; pass --data-dir DIR containing train/ and val/"
-        )
+        raise CLIError(f"dataset path {root} is not a directory; pass --data-dir DIR containing train/ and val/")
     names = ("train", "training") if split == "train" else ("val", "validation", "valid")
     for name in names:
         if (root / name).is_dir():
             return root / name
     if not any(root.iterdir()):
-        raise CLIError(
-            f"dataset directory {root} is empty; it needs train/ and val/ with one folder per class"
-        )
+        raise CLIError(f"dataset directory {root} is empty; it needs train/ and val/ with one folder per class")
     raise CLIError(
         f"dataset directory {root} has no {split}/ folder; it needs train/ and val/ with one folder per class"
     )
@@ -140,15 +128,12 @@ class DigitsDataset(torch.utils.data.Dataset):
 
         digits = load_digits()
         index = np.arange(len(digits.target))
-        train_idx, val_idx = train_test_split(
-            index, test_size=val_fraction, random_state=0, stratify=digits.target
-        )
+        train_idx, val_idx = train_test_split(index, test_size=val_fraction, random_state=0, stratify=digits.target)
         chosen = np.sort(train_idx if split == "train" else val_idx)
         # 0..16 grey levels -> 0..255; upsample once here so the timm transforms see a normal-sized photo.
         pixels = (digits.images[chosen] * (255.0 / 16.0)).round().astype(np.uint8)
         self.images = [
-            Image.fromarray(p, mode="L").resize((image_size, image_size), Image.BILINEAR).convert("RGB")
-            for p in pixels
+            Image.fromarray(p, mode="L").resize((image_size, image_size), Image.BILINEAR).convert("RGB") for p in pixels
         ]
         self.targets = [int(t) for t in digits.target[chosen]]
         self.classes = list(DIGITS_NAMES)
@@ -167,9 +152,7 @@ def build_dataset(dataset: str, data_dir: str | None, split: str, transform, ima
     if dataset == "digits":
         return DigitsDataset(split, image_size=image_size, transform=transform)
     if dataset not in ("", "folder", "imagefolder"):
-        raise CLIError(
-            f"unknown --dataset {dataset!r}; use 'digits' or give --data-dir with an ImageFolder tree"
-        )
+        raise CLIError(f"unknown --dataset {dataset!r}; use 'digits' or give --data-dir with an ImageFolder tree")
     if not data_dir:
         raise CLIError("no data: pass --data-dir DIR (ImageFolder with train/ and val/) or --dataset digits")
     return ImageFolderDataset(find_split(data_dir, split), transform=transform, classes=classes)

@@ -48,9 +48,7 @@ class Progress:
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(
-                total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, file=sys.stderr
-            )
+            self.bar = tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, file=sys.stderr)
 
     def update(self, step: int, **values: float) -> None:
         if not self.enabled:
@@ -113,9 +111,7 @@ def train_one_epoch(
             logits = model(images)
             loss = criterion(logits, target)
         if not math.isfinite(loss.item()):
-            raise CLIError(
-                f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr or add --clip-grad"
-            )
+            raise CLIError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr or add --clip-grad")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -20,7 +20,9 @@ from dilateformer.train.errors import CLIError
 
 
 def _save(out: Path, value: float) -> None:
-    ckpt.save_last(out, {"w": torch.full((4,), value)}, {"epoch": int(value)}, {"value": value, "rng": ckpt.rng_state()})
+    ckpt.save_last(
+        out, {"w": torch.full((4,), value)}, {"epoch": int(value)}, {"value": value, "rng": ckpt.rng_state()}
+    )
 
 
 def test_roundtrip_weights_metadata_state_and_rng(tmp_path: Path) -> None:
@@ -32,7 +34,9 @@ def test_roundtrip_weights_metadata_state_and_rng(tmp_path: Path) -> None:
     weights, meta, state = ckpt.load_last(tmp_path / "last.safetensors")
     assert torch.equal(weights["w"], torch.ones(4)) and meta["epoch"] == 1 and state["value"] == 1.0
     ckpt.set_rng_state(state["rng"])
-    assert torch.equal(torch.rand(3), expected[0]) and np.random.rand() == expected[1] and random.random() == expected[2]
+    assert (
+        torch.equal(torch.rand(3), expected[0]) and np.random.rand() == expected[1] and random.random() == expected[2]
+    )
 
 
 def test_kill_between_the_two_renames_rolls_forward(tmp_path: Path, monkeypatch) -> None:

@@ -73,7 +73,11 @@ def test_checkpoint_that_does_not_fit_lists_the_keys(capsys, image_folder: Path,
     path = tmp_path / "other.safetensors"
     save_weights(path, other.state_dict(), {})
     err = _fails(capsys, *_train(image_folder, tmp_path, "--initial-checkpoint", str(path)))
-    assert "does not fit" in err and "stages.0.blocks.0.mlp.fc1.weight: checkpoint (96, 24) vs model (48, 12)" in err and "shape mismatches" in err
+    assert (
+        "does not fit" in err
+        and "stages.0.blocks.0.mlp.fc1.weight: checkpoint (96, 24) vs model (48, 12)" in err
+        and "shape mismatches" in err
+    )
 
 
 def test_unwritable_output_dir(capsys, image_folder: Path, tmp_path: Path) -> None:

@@ -74,8 +74,6 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
 def test_resume_auto_without_a_run_starts_fresh_and_resume_to_nothing_fails(
     image_folder: Path, tmp_path: Path, run_cli, tiny_model
 ):
-    missing = run_cli(
-        "train", "--data-dir", str(image_folder), *tiny_model, "--resume", str(tmp_path / "nope")
-    )
+    missing = run_cli("train", "--data-dir", str(image_folder), *tiny_model, "--resume", str(tmp_path / "nope"))
     assert missing.returncode == 2
     assert "--resume: no checkpoint at" in missing.stderr and "Traceback" not in missing.stderr

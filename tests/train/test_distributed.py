@@ -1,0 +1,81 @@
+"""DDP with 2 CPU processes (gloo) through torchrun, and a torchrun --max-restarts restart that resumes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="reads /proc for worker pids")]
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_ddp_two_processes_train_and_eval(image_folder: Path, tmp_path: Path, tiny_model, cli_env) -> None:
+    out = tmp_path / "ddp"
+    train = subprocess.run(
+        _torchrun("-m", "dilateformer", "train", "--data-dir", str(image_folder), *tiny_model, "-b", "4",
+                  "--epochs", "2", "--warmup-epochs", "0", "--workers", "0", "--output", str(out)),  # fmt: skip
+        capture_output=True, text=True, env=cli_env, timeout=300,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stdout + train.stderr
+    # Rank 0 alone prints and writes: one summary line per epoch, one CSV row per epoch.
+    assert "2 process(es) x batch 4" in train.stdout
+    assert [ln.startswith("epoch 1/2  train") for ln in train.stdout.splitlines()].count(True) == 1
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert "on 36 images" in train.stdout
+    evaluation = subprocess.run(
+        _torchrun("-m", "dilateformer", "eval", "--checkpoint", str(out / "last.safetensors"),
+                  "--data-dir", str(image_folder), "--workers", "0"),  # fmt: skip
+        capture_output=True, text=True, env=cli_env, timeout=300,
+    )  # fmt: skip
+    assert evaluation.returncode == 0, evaluation.stderr
+    # The 12 val images are split 6/6 with no padding and reduced: counted once each, reported once.
+    lines = [ln for ln in evaluation.stdout.splitlines() if "top-1" in ln]
+    assert len(lines) == 1 and "(12 images" in lines[0]
+    # Same number as the training run's last validation (same weights, same data, reduced across ranks).
+    assert f"top-1 {float(rows[-1]['val_top1']):.2f}%" in lines[0]
+
+
+def test_torchrun_restart_resumes_from_last_checkpoint(image_folder: Path, tmp_path: Path, tiny_model, cli_env):
+    out = tmp_path / "elastic"
+    proc = subprocess.Popen(
+        _torchrun("--max-restarts=1", "-m", "dilateformer", "train", "--data-dir", str(image_folder), *tiny_model,
+                  "-b", "4", "--epochs", "3", "--warmup-epochs", "0", "--workers", "0", "--log-interval", "1",
+                  "--output", str(out)),  # fmt: skip
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=cli_env,
+    )  # fmt: skip
+    lines, killed = [], False
+    for line in proc.stdout:
+        lines.append(line)
+        if not killed and line.startswith("epoch 2/3 step 2/"):
+            workers = _children(proc.pid)
+            assert len(workers) == 2, workers
+            os.kill(workers[-1], signal.SIGKILL)  # one rank dies; torchrun restarts both
+            killed = True
+    proc.wait(timeout=300)
+    text = "".join(lines)
+    assert killed and proc.returncode == 0, text
+    assert "torchrun restart #1" in text and "at epoch 2/3" in text
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
