@@ -183,15 +183,77 @@ def _add_profile(subparsers) -> None:
 # ------------------------------------------------------------------------------------------------- benchmark
 
 
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    from dilateformer.analysis.profile import parse_sizes
+
+    try:
+        return tuple(parse_sizes(text))
+    except ValueError:
+        raise CommandError(f"{option} takes positive integers separated by commas, got {text!r}") from None
+
+
 def _run_benchmark(args: argparse.Namespace) -> int:
-    raise CommandError("the op and model benchmarks have not landed yet")
+    from dilateformer.analysis.measure import format_table
+    from dilateformer.analysis.plots import benchmark_figure
+
+    sizes = _int_list(args.sizes, "--sizes")
+    backends = tuple(b for b in args.backends.split(",") if b)
+    if args.repeats < 1:
+        raise CommandError(f"--repeats must be a positive int, got {args.repeats}")
+    payload: dict[str, object] = {"command": "benchmark"}
+    op_rows: list[dict] = []
+    sweep_rows: list[dict] = []
+    model_rows: list[dict] = []
+    if args.part in ("op", "all"):
+        from dilateformer.analysis import op_bench
+
+        shapes = op_bench.STANDARD_SHAPES
+        if args.quick:  # the pipeline on tiny shapes: for smoke tests, numbers mean nothing
+            shapes = (op_bench.OpShape("quick B1 12x12 3x8", 1, 12, 12, 3, head_dim=8),)
+        op_rows = op_bench.run_op_benchmark(shapes, backends, repeats=args.repeats, progress=_progress)
+        sweep_rows = op_bench.run_scaling_sweep(sizes, backends, repeats=args.repeats, progress=_progress)
+        print("MSDA op (speedups against the unfold baseline of the same shape):")
+        print(op_bench.format_op_rows(op_rows))
+        print("\nscaling sweep:")
+        print(op_bench.format_sweep_rows(sweep_rows))
+        payload.update(op=op_rows, sweep=sweep_rows)
+    if args.part in ("model", "all"):
+        try:
+            from dilateformer.analysis import model_bench
+        except ModuleNotFoundError as error:
+            if error.name != "dilateformer.analysis.model_bench":
+                raise
+            print("model benchmark: not available in this version", file=sys.stderr)
+        else:
+            model_rows = model_bench.run_model_benchmark(progress=_progress)
+            formatter = getattr(model_bench, "format_model_rows", None)
+            if formatter is not None:
+                print("\nmodels:")
+                print(formatter(model_rows))
+            elif model_rows:
+                headers = list(model_rows[0])
+                print("\nmodels:")
+                print(format_table(headers, [[r.get(h) for h in headers] for r in model_rows]))
+            payload["models"] = model_rows
+    _write_json(args.json, payload)
+    benchmark_figure(op_rows, sweep_rows, model_rows, args.plot)
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
 
 
 def _add_benchmark(subparsers) -> None:
     p = subparsers.add_parser(
         "benchmark",
         help="the MSDA op benchmark and the model benchmark, with baselines, as a table, JSON and a PNG",
+        description="Times MSDA's backends against an official-style unfold implementation, global attention "
+        "through scaled_dot_product_attention and the byte floor, in one process; sweeps image sizes; and runs "
+        "the model benchmark. Prints tables, writes JSON and a PNG.",
     )
+    p.add_argument("--part", choices=("op", "model", "all"), default="all", help="what to run (default all)")
+    p.add_argument("--backends", default="eager,compiled", help="MSDA backends to time (default eager,compiled)")
+    p.add_argument("--sizes", default="32,64,128,256", help="square sizes of the op scaling sweep")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default 5)")
+    p.add_argument("--quick", action="store_true", help="tiny op shapes, to check the pipeline only")
     p.add_argument("--json", default="benchmark.json", help="JSON output (default benchmark.json)")
     p.add_argument("--plot", default="benchmark.png", help="PNG output (default benchmark.png)")
     p.set_defaults(func=_guarded("benchmark", _run_benchmark))

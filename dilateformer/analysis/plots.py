@@ -104,3 +104,91 @@ def save_figure(fig: Figure, output: str | Path) -> Path:
     fig.savefig(path, dpi=fig.dpi, format="png")
     plt.close(fig)
     return path
+
+
+def benchmark_figure(
+    op_rows: Sequence[Mapping], sweep_rows: Sequence[Mapping], model_rows: Sequence[Mapping], output
+) -> Path:
+    """The ``benchmark`` PNG: op times per implementation and shape, the scaling sweep, and model throughput.
+
+    ``op_rows`` need ``shape``, ``impl``, ``forward_ms``, ``forward_backward_ms``; ``sweep_rows`` need ``tokens``,
+    ``impl``, ``forward_ms`` and ``saved_mb``; ``model_rows`` are plotted if they carry a numeric ``img_s``-like
+    column (the first key ending in ``img_s``) and a ``model`` or ``name`` label. Empty inputs drop their panel.
+    """
+    panels: list[str] = []
+    if op_rows:
+        panels.append("ops")
+    if sweep_rows:
+        panels += ["sweep_ms", "sweep_mb"]
+    throughput_key = next((k for r in model_rows for k in r if str(k).endswith("img_s")), None)
+    if model_rows and throughput_key:
+        panels.append("models")
+    n = max(1, len(panels))
+    cols = 2 if n == 4 else min(n, 3)
+    rows_n = math.ceil(n / cols)
+    fig, axes = plt.subplots(
+        rows_n, cols, figsize=(6.0 * cols, 4.6 * rows_n + 0.5), dpi=DPI, squeeze=False, layout="constrained"
+    )
+    flat = list(axes.flat)
+    for ax in flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, panel in zip(flat, panels, strict=False):
+        if panel == "ops":
+            _grouped_bars(
+                ax,
+                op_rows,
+                group="shape",
+                series="impl",
+                value="forward_backward_ms",
+                ylabel="forward + backward time (ms, log scale)",
+            )
+            ax.set_title("MSDA op: forward + backward per implementation")
+        elif panel == "sweep_ms":
+            series = _by_impl(sweep_rows, "forward_ms")
+            plot_loglog_panel(ax, series, "op scaling: forward time", "tokens (H x W)", "forward time (ms)")
+        elif panel == "sweep_mb":
+            series = _by_impl(sweep_rows, "saved_mb")
+            plot_loglog_panel(ax, series, "op scaling: memory saved for backward", "tokens (H x W)", "MB")
+        else:
+            label_key = "model" if "model" in model_rows[0] else "name"
+            labels = [str(r.get(label_key, i)) for i, r in enumerate(model_rows)]
+            values = [float(r[throughput_key] or 0) for r in model_rows]
+            bars = ax.barh(range(len(values)), values, color="tab:blue", label=throughput_key.replace("_", " "))
+            ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+            ax.set_yticks(range(len(values)), labels, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel("images per second")
+            ax.set_ylabel("model / setting")
+            ax.set_title("models: throughput")
+            ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("dilateformer benchmark: MSDA backends vs unfold, global SDPA and the byte floor", fontsize=13)
+    return save_figure(fig, output)
+
+
+def _by_impl(rows: Sequence[Mapping], value: str) -> dict[str, tuple[list[float], list[float | None]]]:
+    out: dict[str, tuple[list[float], list[float | None]]] = {}
+    for r in rows:
+        xs, ys = out.setdefault(str(r["impl"]), ([], []))
+        xs.append(float(r["tokens"]))
+        ys.append(r.get(value))
+    return out
+
+
+def _grouped_bars(ax, rows: Sequence[Mapping], group: str, series: str, value: str, ylabel: str) -> None:
+    groups = list(dict.fromkeys(str(r[group]) for r in rows))
+    names = list(dict.fromkeys(str(r[series]) for r in rows))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        xs, ys = [], []
+        for j, g in enumerate(groups):
+            match = [r for r in rows if str(r[group]) == g and str(r[series]) == name and r.get(value)]
+            if match:
+                xs.append(j + (i - (len(names) - 1) / 2) * width)
+                ys.append(float(match[0][value]))
+        ax.bar(xs, ys, width, label=name)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("shape")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)

@@ -1,0 +1,88 @@
+"""The ``visualize``, ``profile`` and ``benchmark`` commands: outputs written, bad input as one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dilateformer.cli import main
+
+
+@pytest.fixture(scope="module")
+def chelsea(tmp_path_factory):
+    import skimage.data
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("img") / "chelsea.png"
+    Image.fromarray(skimage.data.chelsea()).save(path)
+    return path
+
+
+def _one_line_error(capsys, argv, match):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dilateformer")]
+    assert rc == 2
+    assert "Traceback" not in err
+    assert len(lines) == 1 and match in lines[0], err
+    return lines[0]
+
+
+def test_visualize_bad_input(capsys, tmp_path, chelsea):
+    _one_line_error(capsys, ["visualize", str(tmp_path / "missing.png")], "image not found")
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"\x00" * 100)
+    _one_line_error(capsys, ["visualize", str(garbage)], "cannot read image")
+    _one_line_error(capsys, ["visualize", str(chelsea), "--model", "dilateformer_nano", "--query", "10,999"], "outside")
+    _one_line_error(capsys, ["visualize", str(chelsea), "--model", "dilateformer_nano", "--query", "1;2"], "y,x")
+    line = _one_line_error(capsys, ["visualize", str(chelsea), "--model", "dilateformer_nano", "--stage", "3"], "MSDA")
+    assert "stages with MSDA: 0, 1" in line
+    _one_line_error(capsys, ["visualize", str(chelsea), "--model", "dilateformer_tiney"], "dilateformer_tiny")
+
+
+def test_visualize_writes_the_figure(capsys, tmp_path, chelsea, check_png):
+    out = tmp_path / "attention.png"
+    argv = ["visualize", str(chelsea), "--model", "dilateformer_nano", "--query", "100,200", "--output", str(out)]
+    assert main(argv) == 0
+    assert str(out) in capsys.readouterr().out
+    check_png(out, (1740, 490))
+
+
+@pytest.mark.parametrize("sizes", ["224,0", "-224", "abc", "224,,512", "22.4"])
+def test_profile_rejects_sizes_that_are_not_positive_ints(capsys, sizes):
+    _one_line_error(capsys, ["profile", "--sizes", sizes, "--no-timing"], "positive integers")
+
+
+def test_profile_flops_only_prints_tiny_gmacs_and_writes_json_and_png(capsys, tmp_path, check_png):
+    out_json, out_png = tmp_path / "p.json", tmp_path / "p.png"
+    argv = ["profile", "--sizes", "224,448", "--no-timing", "--json", str(out_json), "--plot", str(out_png)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "[4/4]" in captured.err  # progress for the sweep
+    table = captured.out.splitlines()
+    assert table[0].split()[:5] == ["model", "attention", "size", "params", "(M)"]
+    tiny_224 = next(line for line in table if "msda" in line and "224x224" in line)
+    assert "3.162" in tiny_224 and "17.24" in tiny_224
+    rows = json.loads(out_json.read_text())["rows"]
+    assert len(rows) == 4
+    assert {(r["attention"], r["size"]) for r in rows} == {(a, s) for a in ("msda", "global") for s in (224, 448)}
+    assert next(r for r in rows if r["attention"] == "msda" and r["size"] == 224)["gmacs"] == pytest.approx(3.162, 0.01)
+    check_png(out_png, (1080, 470))
+
+
+def test_benchmark_quick_op_part(capsys, tmp_path, check_png):
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    argv = ["benchmark", "--part", "op", "--quick", "--backends", "eager", "--sizes", "8,16", "--repeats", "1"]
+    assert main([*argv, "--json", str(out_json), "--plot", str(out_png)]) == 0
+    out = capsys.readouterr().out
+    payload = json.loads(out_json.read_text())
+    impls = {r["impl"] for r in payload["op"]}
+    assert {"eager", "unfold (official-style)", "sdpa-global", "byte-floor"} <= impls
+    assert {r["size"] for r in payload["sweep"]} == {8, 16}
+    assert "unfold (official-style)" in out
+    check_png(out_png, (1800, 510))
+
+
+def test_benchmark_rejects_bad_sizes(capsys):
+    _one_line_error(capsys, ["benchmark", "--part", "op", "--sizes", "0"], "positive integers")
