@@ -157,12 +157,15 @@ def profile_models(
     budget = memory_budget if memory_budget is not None else int(0.7 * available_memory_bytes())
     models = build_pair(model_name)
     rows: list[ProfileRow] = []
+    rates: dict[str, float] = {}
     steps = len(models) * len(sizes)
     step = 0
     for attention, model in models.items():
         params = sum(p.numel() for p in model.parameters())
         model.to(device)
-        ms_per_gflop: float | None = None  # fwd+bwd time per forward GFLOP, from the last size that ran
+        # fwd+bwd ms per forward GFLOP, from this model's last timed size, else the other model's: a rough
+        # rate, but enough to avoid starting a run that would take far beyond the budget.
+        ms_per_gflop = rates.get(attention) or next(iter(rates.values()), None)
         for size in sorted(sizes):
             step += 1
             label = f"[{step}/{steps}] {model_name} ({attention}) {size}x{size} batch {batch}"
@@ -225,7 +228,7 @@ def profile_models(
                 row.status = "out of memory"
                 say(f"{label}: out of memory")
                 continue
-            ms_per_gflop = row.forward_backward_ms / gflops
+            ms_per_gflop = rates[attention] = row.forward_backward_ms / gflops
         model.to("cpu")
     return rows
 
