@@ -70,6 +70,8 @@ def _run_visualize(args: argparse.Namespace) -> int:
         pick_msda_layer,
     )
 
+    if args.size < 1:
+        raise CommandError(f"--size must be a positive number of pixels, got {args.size}")
     image = load_image(args.image)  # fail on the image before building any model
     queries = [parse_query(q) for q in args.query] if args.query else None
     model = _create_model(args.model, args.checkpoint)
