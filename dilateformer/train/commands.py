@@ -97,7 +97,7 @@ def _register_train(subparsers) -> None:
     m.add_argument("--grad-checkpointing", action="store_true", default=None, help="recompute activations")
     m.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=_positive_int, metavar="N", help="epochs [300; digits: 30]")
+    o.add_argument("--epochs", type=_positive_int, metavar="N", help="epochs [300; digits: 20]")
     o.add_argument(
         "-b", "--batch-size", type=_positive_int, metavar="N", help="batch size per process [128; digits 64]"
     )

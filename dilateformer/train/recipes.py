@@ -47,7 +47,7 @@ IMAGENET: dict[str, Any] = {
 DIGITS: dict[str, Any] = {
     **IMAGENET,
     "model": "dilateformer_nano",
-    "epochs": 30,
+    "epochs": 20,
     "batch_size": 64,
     "lr_base_size": 64,
     "warmup_epochs": 2,
