@@ -88,9 +88,7 @@ def default_num_heads(channels: int, groups: int, owner: str = "MSDA") -> int:
     return min(candidates, key=lambda h: (abs(channels // h - TARGET_HEAD_DIM), -(channels // h)))
 
 
-def resolve_num_heads(
-    channels: int, num_heads: int | None, dilations: tuple[int, ...], owner: str = "MSDA"
-) -> int:
+def resolve_num_heads(channels: int, num_heads: int | None, dilations: tuple[int, ...], owner: str = "MSDA") -> int:
     """``num_heads`` checked against ``channels`` and ``dilations``, or the default when it is ``None``."""
     if num_heads is None:
         return default_num_heads(channels, len(dilations), owner)
@@ -170,9 +168,7 @@ class GlobalAttn(GlobalAttention):
     ) -> None:
         c1 = _check_channels(c1, type(self).__name__)
         heads = resolve_num_heads(c1, num_heads, DEFAULT_DILATIONS, type(self).__name__)
-        super().__init__(
-            c1, heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, layout="nchw"
-        )
+        super().__init__(c1, heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, layout="nchw")
 
 
 class MSDABottleneck(nn.Module):
@@ -496,7 +492,10 @@ def register() -> None:
     if not getattr(dist.generate_ddp_file, "_dilateformer", False):
         dist.generate_ddp_file = _wrap_generate_ddp_file(dist.generate_ddp_file)
     if hasattr(torch.serialization, "add_safe_globals"):
-        torch.serialization.add_safe_globals([*LAYERS.values(), MSDABottleneck, _ChannelProbe])
+        known = set(torch.serialization.get_safe_globals())
+        new = [c for c in (*LAYERS.values(), MSDABottleneck, _ChannelProbe) if c not in known]
+        if new:
+            torch.serialization.add_safe_globals(new)
 
 
 register()

@@ -209,8 +209,10 @@ def test_yaml_path_and_names():
 
 def test_register_is_idempotent():
     parse_model, check_yaml = tasks.parse_model, tasks.check_yaml
+    safe = list(torch.serialization.get_safe_globals())
     plugin.register()
     assert tasks.parse_model is parse_model and tasks.check_yaml is check_yaml
+    assert list(torch.serialization.get_safe_globals()) == safe and MSDA in safe
     assert tasks.parse_model.__wrapped__.__module__ == "ultralytics.nn.tasks"
 
 
