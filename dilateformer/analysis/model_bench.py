@@ -1,0 +1,195 @@
+"""The model benchmark: throughput, training speed and saved-for-backward memory of DilateFormer models.
+
+One function runs it and returns plain rows (:func:`run_model_benchmark`); another formats them
+(:func:`format_model_benchmark`). ``benchmarks/bench_model.py`` and the CLI are thin callers.
+
+Every row says which MSDA backend ran. ``"auto"`` resolves to ``"compiled"`` (torch.compile-fused MSDA
+kernels) wherever a compiler is available; the rest of the model still runs op by op unless the row's
+``mode`` is ``"compiled"``, which wraps the whole model in ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from dilateformer.analysis.measure import format_table, median_ms, saved_for_backward_bytes
+from dilateformer.functional import use_backend
+from dilateformer.models import create_dilateformer
+from dilateformer.ops.context import select_backend
+
+__all__ = ["run_model_benchmark", "format_model_benchmark", "MODEL_BENCH_COLUMNS", "GLOBAL_TWIN"]
+
+GLOBAL_TWIN = "global"
+MODEL_BENCH_COLUMNS = (
+    ("model", "model"),
+    ("attention", "attention"),
+    ("msda_backend", "MSDA backend"),
+    ("params_m", "params (M)"),
+    ("gmacs", "GMACs"),
+    ("infer_eager_img_s", "infer eager (img/s)"),
+    ("infer_compiled_img_s", "infer compiled (img/s)"),
+    ("train_img_s", "train (img/s)"),
+    ("saved_mb", "saved for bwd (MB)"),
+)
+
+
+def _gmacs(name: str, attention: str, img_size: int) -> float:
+    """Multiply-adds of one image, as torch.utils.flop_counter counts them; on the meta device, so instant."""
+    model = _build(name, attention, device="meta").eval()
+    meta = torch.empty(1, model.in_chans, img_size, img_size, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(meta)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def _throughput(step: Callable[[], object], batch_size: int, repeats: int, warmup: int) -> float:
+    return batch_size / (median_ms(step, repeats=repeats, warmup=warmup) / 1e3)
+
+
+def run_model_benchmark(
+    models: Sequence[str] = ("dilateformer_tiny",),
+    batch_size: int = 8,
+    img_size: int = 224,
+    include_twin: bool = True,
+    msda_backends: Sequence[str] = ("auto",),
+    compiled: bool = True,
+    train: bool = True,
+    repeats: int = 5,
+    warmup: int = 2,
+    threads: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure inference and training speed and saved-for-backward memory; one row per model and backend.
+
+    Args:
+        models: registered DilateFormer names.
+        batch_size: images per step.
+        img_size: square input size.
+        include_twin: add each model's global-attention twin (``attn_types=("global",) * 4``), which has the
+            same parameter count.
+        msda_backends: MSDA backends to run the MSDA models under (``"auto"``, ``"eager"``, ``"compiled"``,
+            ``"reference"``); the twin has no MSDA and is measured once.
+        compiled: also measure inference with the whole model under ``torch.compile`` (slow to compile on CPU).
+        train: also measure a training step (forward, backward, AdamW step) and the bytes autograd saves.
+        repeats: timed repetitions per measurement (the median is reported).
+        warmup: untimed repetitions first (they include any compilation).
+        threads: ``torch.set_num_threads`` for the run, unchanged if None.
+        log: progress messages, e.g. ``print``.
+
+    Returns:
+        Rows as dicts with the keys of :data:`MODEL_BENCH_COLUMNS` plus ``batch_size``, ``img_size`` and
+        ``threads``; a measurement that was not requested is None.
+    """
+    if batch_size < 1 or img_size < 1:
+        raise ValueError(f"batch_size and img_size must be >= 1, got {batch_size} and {img_size}")
+    say = log or (lambda message: None)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        rows = []
+        for name in models:
+            configs = [("msda", b) for b in msda_backends]
+            if include_twin:
+                configs.append((GLOBAL_TWIN, None))
+            for attention, backend in configs:
+                say(f"{name} [{attention}{'' if backend is None else ', MSDA ' + backend}] ...")
+                rows.append(
+                    _measure(name, attention, backend, batch_size, img_size, compiled, train, repeats, warmup, say)
+                )
+        return rows
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _build(name: str, attention: str, device: str | None = None) -> nn.Module:
+    kwargs: dict[str, Any] = {"drop_path_rate": 0.1, "device": device}
+    if attention == GLOBAL_TWIN:
+        kwargs["attn_types"] = GLOBAL_TWIN
+    return create_dilateformer(name, **kwargs)
+
+
+def _measure(
+    name: str,
+    attention: str,
+    backend: str | None,
+    batch_size: int,
+    img_size: int,
+    compiled: bool,
+    train: bool,
+    repeats: int,
+    warmup: int,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = _build(name, attention)
+    in_chans = model.in_chans
+    params = sum(p.numel() for p in model.parameters())
+    gmacs = _gmacs(name, attention, img_size)
+    x = torch.randn(batch_size, in_chans, img_size, img_size)
+    resolved = "-" if backend is None else select_backend(backend, x.device, x.dtype)
+    row: dict[str, Any] = {
+        "model": name,
+        "attention": "MSDA stages 1-2" if attention == "msda" else "global everywhere",
+        "msda_backend": resolved,
+        "params_m": params / 1e6,
+        "gmacs": gmacs,
+        "infer_eager_img_s": None,
+        "infer_compiled_img_s": None,
+        "train_img_s": None,
+        "saved_mb": None,
+        "batch_size": batch_size,
+        "img_size": img_size,
+        "threads": torch.get_num_threads(),
+    }
+    with use_backend(backend or "auto"):
+        model.eval()
+        with torch.inference_mode():
+            row["infer_eager_img_s"] = _throughput(lambda: model(x), batch_size, repeats, warmup)
+        say(f"  inference eager: {row['infer_eager_img_s']:.1f} img/s")
+        if compiled:
+            compiled_model = torch.compile(model, fullgraph=True)
+            start = time.perf_counter()
+            with torch.no_grad():
+                compiled_model(x)
+            say(f"  compiled in {time.perf_counter() - start:.0f} s")
+            with torch.no_grad():
+                row["infer_compiled_img_s"] = _throughput(lambda: compiled_model(x), batch_size, repeats, warmup)
+            say(f"  inference compiled: {row['infer_compiled_img_s']:.1f} img/s")
+        if train:
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            target = torch.randint(0, model.num_classes, (batch_size,))
+
+            def step() -> None:
+                optimizer.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(model(x), target).backward()
+                optimizer.step()
+
+            row["train_img_s"] = _throughput(step, batch_size, repeats, warmup)
+            optimizer.zero_grad(set_to_none=True)
+            row["saved_mb"] = saved_for_backward_bytes(lambda: model(x)) / 1e6
+            say(f"  train: {row['train_img_s']:.1f} img/s, saved for backward {row['saved_mb']:.0f} MB")
+    return row
+
+
+def format_model_benchmark(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of :func:`run_model_benchmark` as an aligned text table, with the setup on the first line."""
+    if not rows:
+        return "(no rows)"
+    first = rows[0]
+    header = (
+        f"batch {first['batch_size']}, {first['img_size']}x{first['img_size']}, fp32, "
+        f"{first['threads']} threads, torch {torch.__version__}"
+    )
+    table = format_table(
+        [title for _, title in MODEL_BENCH_COLUMNS],
+        [["-" if row.get(key) is None else row[key] for key, _ in MODEL_BENCH_COLUMNS] for row in rows],
+    )
+    return f"{header}\n{table}"
