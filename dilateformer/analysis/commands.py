@@ -195,13 +195,13 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from dilateformer.analysis.measure import format_table
     from dilateformer.analysis.plots import benchmark_figure
 
     sizes = _int_list(args.sizes, "--sizes")
     backends = tuple(b for b in args.backends.split(",") if b)
-    if args.repeats < 1:
-        raise CommandError(f"--repeats must be a positive int, got {args.repeats}")
+    for option, value in (("--repeats", args.repeats), ("--batch", args.batch), ("--img-size", args.img_size)):
+        if value < 1:
+            raise CommandError(f"{option} must be a positive int, got {value}")
     payload: dict[str, object] = {"command": "benchmark"}
     op_rows: list[dict] = []
     sweep_rows: list[dict] = []
@@ -227,15 +227,17 @@ def _run_benchmark(args: argparse.Namespace) -> int:
                 raise
             print("model benchmark: not available in this version", file=sys.stderr)
         else:
-            model_rows = model_bench.run_model_benchmark(progress=_progress)
-            formatter = getattr(model_bench, "format_model_rows", None)
-            if formatter is not None:
-                print("\nmodels:")
-                print(formatter(model_rows))
-            elif model_rows:
-                headers = list(model_rows[0])
-                print("\nmodels:")
-                print(format_table(headers, [[r.get(h) for h in headers] for r in model_rows]))
+            model_rows = model_bench.run_model_benchmark(
+                models=(args.model,),
+                batch_size=args.batch,
+                img_size=args.img_size,
+                msda_backends=backends,
+                compiled=not args.no_compile,
+                repeats=args.repeats,
+                log=_progress,
+            )
+            print("\nmodels:")
+            print(model_bench.format_model_benchmark(model_rows))
             payload["models"] = model_rows
     _write_json(args.json, payload)
     benchmark_figure(op_rows, sweep_rows, model_rows, args.plot)
@@ -252,10 +254,18 @@ def _add_benchmark(subparsers) -> None:
         "the model benchmark. Prints tables, writes JSON and a PNG.",
     )
     p.add_argument("--part", choices=("op", "model", "all"), default="all", help="what to run (default all)")
-    p.add_argument("--backends", default="eager,compiled", help="MSDA backends to time (default eager,compiled)")
+    p.add_argument(
+        "--backends",
+        default="eager,compiled",
+        help="MSDA backends to time, in the op and the model benchmark (default eager,compiled)",
+    )
     p.add_argument("--sizes", default="32,64,128,256", help="square sizes of the op scaling sweep")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default 5)")
     p.add_argument("--quick", action="store_true", help="tiny op shapes, to check the pipeline only")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model of the model benchmark (default {DEFAULT_MODEL})")
+    p.add_argument("--batch", type=int, default=8, help="model benchmark batch (default 8)")
+    p.add_argument("--img-size", type=int, default=224, help="model benchmark input side (default 224)")
+    p.add_argument("--no-compile", action="store_true", help="skip whole-model torch.compile inference")
     p.add_argument("--json", default="benchmark.json", help="JSON output (default benchmark.json)")
     p.add_argument("--plot", default="benchmark.png", help="PNG output (default benchmark.png)")
     p.set_defaults(func=_guarded("benchmark", _run_benchmark))

@@ -68,7 +68,7 @@ def plot_loglog_panel(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="best")
 
 
 def loglog_figure(
@@ -112,16 +112,15 @@ def benchmark_figure(
     """The ``benchmark`` PNG: op times per implementation and shape, the scaling sweep, and model throughput.
 
     ``op_rows`` need ``shape``, ``impl``, ``forward_ms``, ``forward_backward_ms``; ``sweep_rows`` need ``tokens``,
-    ``impl``, ``forward_ms`` and ``saved_mb``; ``model_rows`` are plotted if they carry a numeric ``img_s``-like
-    column (the first key ending in ``img_s``) and a ``model`` or ``name`` label. Empty inputs drop their panel.
+    ``impl``, ``forward_ms`` and ``saved_mb``; ``model_rows`` (``model``, ``attention``, ``msda_backend``) are
+    drawn from their columns ending in ``img_s``. Empty inputs drop their panel.
     """
     panels: list[str] = []
     if op_rows:
         panels.append("ops")
     if sweep_rows:
         panels += ["sweep_ms", "sweep_mb"]
-    throughput_key = next((k for r in model_rows for k in r if str(k).endswith("img_s")), None)
-    if model_rows and throughput_key:
+    if any(r.get(k) for r in model_rows for k in r if str(k).endswith("img_s")):
         panels.append("models")
     n = max(1, len(panels))
     cols = 2 if n == 4 else min(n, 3)
@@ -150,17 +149,7 @@ def benchmark_figure(
             series = _by_impl(sweep_rows, "saved_mb")
             plot_loglog_panel(ax, series, "op scaling: memory saved for backward", "tokens (H x W)", "MB")
         else:
-            label_key = "model" if "model" in model_rows[0] else "name"
-            labels = [str(r.get(label_key, i)) for i, r in enumerate(model_rows)]
-            values = [float(r[throughput_key] or 0) for r in model_rows]
-            bars = ax.barh(range(len(values)), values, color="tab:blue", label=throughput_key.replace("_", " "))
-            ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
-            ax.set_yticks(range(len(values)), labels, fontsize=8)
-            ax.invert_yaxis()
-            ax.set_xlabel("images per second")
-            ax.set_ylabel("model / setting")
-            ax.set_title("models: throughput")
-            ax.legend(fontsize=8, loc="lower right")
+            _model_bars(ax, model_rows)
     fig.suptitle("dilateformer benchmark: MSDA backends vs unfold, global SDPA and the byte floor", fontsize=13)
     return save_figure(fig, output)
 
@@ -192,3 +181,21 @@ def _grouped_bars(ax, rows: Sequence[Mapping], group: str, series: str, value: s
     ax.set_ylabel(ylabel)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def _model_bars(ax, rows: Sequence[Mapping]) -> None:
+    keys = [k for k in rows[0] if str(k).endswith("img_s") and any(r.get(k) for r in rows)]
+    labels = [f"{r.get('model', '?')}\n{r.get('attention', '')} ({r.get('msda_backend', '-')})".strip() for r in rows]
+    height = 0.8 / max(1, len(keys))
+    for i, key in enumerate(keys):
+        ys = [j + (i - (len(keys) - 1) / 2) * height for j in range(len(rows))]
+        values = [float(r.get(key) or 0) for r in rows]
+        bars = ax.barh(ys, values, height, label=key.removesuffix("_img_s").replace("_", " "))
+        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.margins(x=0.15)  # room for the value labels at the bar ends
+    ax.set_xlabel("throughput (images per second)")
+    ax.set_ylabel("model, attention (MSDA backend)")
+    ax.set_title("models: throughput")
+    ax.legend(fontsize=8, loc="lower right")
