@@ -1,9 +1,5 @@
 """Test-wide settings.
 
-The compiled MSDA backend spends tens of seconds compiling per configuration on 2 CPU cores, so tests run the
-eager backend unless they ask for another one explicitly; tests/ops covers every backend against the reference.
+Tests run MSDA with ``backend="auto"`` (the native C kernel on CPU) unless they name a backend; the compiled
+backend, which spends seconds compiling per configuration, is exercised by the tests marked ``slow`` in tests/ops.
 """
-
-import os
-
-os.environ.setdefault("DILATEFORMER_BACKEND", "eager")

@@ -2,6 +2,7 @@
 
 - ``reference``: the explicit k x k neighbourhood gather, differentiated by autograd. The oracle.
 - ``eager``: shifted views with a hand-derived backward; plain PyTorch ops, no compiler.
+- ``native``: a one-pass C kernel per direction for CPU tensors, built at first use in about a second.
 - ``compiled``: the eager kernels fused by torch.compile (C++ on CPU, Triton on CUDA).
 """
 
@@ -15,6 +16,8 @@ import torch
 from dilateformer.ops.compiled import msda_compiled
 from dilateformer.ops.compiled import unavailable_reason as _compiled_unavailable
 from dilateformer.ops.eager import msda_eager
+from dilateformer.ops.native import msda_native
+from dilateformer.ops.native import unavailable_reason as _native_unavailable
 from dilateformer.ops.reference import msda_reference
 
 
@@ -32,5 +35,6 @@ def _always_available(device: torch.device) -> str | None:
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", msda_reference, _always_available),
     "eager": Backend("eager", msda_eager, _always_available),
+    "native": Backend("native", msda_native, _native_unavailable),
     "compiled": Backend("compiled", msda_compiled, _compiled_unavailable),
 }

@@ -12,6 +12,7 @@ import torch
 from dilateformer.ops import BACKENDS
 
 BACKEND_NAMES = ("auto", *BACKENDS)
+AUTO_ORDER = {"cpu": ("native",), "cuda": ("compiled",)}
 _ENV_VAR = "DILATEFORMER_BACKEND"
 _state = threading.local()
 
@@ -51,10 +52,11 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
     """Resolve ``requested`` to a concrete backend, or raise if a forced one cannot run here."""
     name = default_backend() if requested == "auto" else requested
     if name == "auto":
-        # Under an outer torch.compile or torch.export the op stays one opaque node, and its fused kernels
-        # still run inside it.
-        if BACKENDS["compiled"].unavailable_reason(device) is None:
-            return "compiled"
+        # Fastest first, measured by benchmarks/bench_msda.py. Under an outer torch.compile or torch.export the
+        # op stays one opaque node, and the chosen kernels still run inside it.
+        for candidate in AUTO_ORDER.get(device.type, ()):
+            if BACKENDS[candidate].unavailable_reason(device) is None:
+                return candidate
         return "eager"
     reason = BACKENDS[name].unavailable_reason(device)
     if reason is not None:

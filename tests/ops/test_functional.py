@@ -11,7 +11,7 @@ import dilateformer
 from dilateformer.functional import multi_scale_dilated_attention as msda
 from tests.ops.helpers import forward_backward, official_cases, random_qkv
 
-FAST_BACKENDS = ["reference", "eager"]
+FAST_BACKENDS = ["reference", "eager", "native"]
 CASES = official_cases()
 
 
@@ -41,12 +41,13 @@ def test_compiled_backend_matches_reference_in_float64(border):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend", ["eager", "native"])
 @pytest.mark.parametrize("border", ["zero", "clamp"])
 @pytest.mark.parametrize("kernel_size,dilations", [(1, (1,)), (3, (1, 2, 3)), (5, (2, 4)), (7, (1,))])
-def test_eager_matches_reference_in_float64(border, kernel_size, dilations):
+def test_backend_matches_reference_in_float64(backend, border, kernel_size, dilations):
     q, k, v = random_qkv((2, 11, 6, 6, 5))
     ref = functools.partial(msda, kernel_size=kernel_size, dilations=dilations, border=border, backend="reference")
-    new = functools.partial(msda, kernel_size=kernel_size, dilations=dilations, border=border, backend="eager")
+    new = functools.partial(msda, kernel_size=kernel_size, dilations=dilations, border=border, backend=backend)
     out_ref, grads_ref = forward_backward(ref, q, k, v)
     out_new, grads_new = forward_backward(new, q, k, v)
     torch.testing.assert_close(out_new, out_ref, rtol=0, atol=1e-9)
@@ -54,10 +55,11 @@ def test_eager_matches_reference_in_float64(border, kernel_size, dilations):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend", ["eager", "native"])
 @pytest.mark.parametrize("border", ["zero", "clamp"])
-def test_gradcheck_eager(border):
+def test_gradcheck(backend, border):
     q, k, v = random_qkv((1, 4, 5, 2, 3))
-    fn = functools.partial(msda, kernel_size=3, dilations=(1, 2), border=border, backend="eager")
+    fn = functools.partial(msda, kernel_size=3, dilations=(1, 2), border=border, backend=backend)
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
@@ -126,6 +128,21 @@ def test_one_pixel_image_with_zero_border_attends_to_itself_and_zeros():
     logit = (q * k).sum(-1, keepdim=True) * 4**-0.5
     weight = logit.exp() / (logit.exp() + 8)  # the eight zero keys have logit 0
     torch.testing.assert_close(out, weight * v)
+
+
+def test_native_accepts_strided_qkv_views_of_a_fused_projection():
+    qkv = torch.randn(2, 7, 9, 3, 6, 4, dtype=torch.float64)
+    q, k, v = qkv.unbind(3)
+    assert not q.is_contiguous()
+    expected = msda(q.contiguous(), k.contiguous(), v.contiguous(), backend="reference")
+    torch.testing.assert_close(msda(q, k, v, backend="native"), expected, rtol=0, atol=1e-12)
+
+
+def test_auto_picks_the_native_kernel_on_cpu(monkeypatch):
+    from dilateformer.ops.context import select_backend
+
+    monkeypatch.delenv("DILATEFORMER_BACKEND", raising=False)
+    assert select_backend("auto", torch.device("cpu"), torch.float32) == "native"
 
 
 def test_clamp_border_on_one_pixel_image_returns_the_value():

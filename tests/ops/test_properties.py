@@ -50,6 +50,12 @@ def test_eager_agrees_with_reference(problem):
     _assert_backend_matches_reference(problem, "eager")
 
 
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=msda_problems())
+def test_native_agrees_with_reference(problem):
+    _assert_backend_matches_reference(problem, "native")
+
+
 @st.composite
 def compiled_problems(draw):
     # One configuration per border, random sizes >= 2: the examples then share two compiled graphs per border

@@ -1,0 +1,210 @@
+"""The MSDA op benchmark: this project's backends against the baselines users would otherwise run, in one process.
+
+Baselines:
+- ``unfold``: MSDA the way the official DilateFormer code computes it, written independently here: per dilation
+  group, ``F.unfold`` makes k*k copies of K and V, then two small matmuls and a softmax.
+- ``sdpa-global``: global attention over all H*W tokens through ``F.scaled_dot_product_attention``.
+- ``byte-floor``: the time to move q, k, v and out once (forward) and the twelve tensors of forward plus backward
+  once, at the copy bandwidth measured in the same run; its saved-memory column is q+k+v+out, the bound MSDA's
+  fused backends are held to.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dilateformer.analysis.measure import format_table, median_ms, saved_for_backward_bytes
+from dilateformer.functional import multi_scale_dilated_attention
+
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class OpShape:
+    name: str
+    batch: int
+    height: int
+    width: int
+    heads: int
+    head_dim: int = 24
+    kernel_size: int = 3
+    dilations: tuple[int, ...] = (1, 2, 3)
+
+    @property
+    def qkv_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.batch, self.height, self.width, self.heads, self.head_dim)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return math.prod(self.qkv_shape) * 4
+
+
+STANDARD_SHAPES = (
+    OpShape("stage1 B8 56x56 3x24", 8, 56, 56, 3),
+    OpShape("stage2 B8 28x28 6x24", 8, 28, 28, 6),
+    OpShape("highres B2 128x128 3x24", 2, 128, 128, 3),
+)
+
+
+def unfold_msda(q, k, v, kernel_size: int, dilations: tuple[int, ...], scale: float) -> torch.Tensor:
+    """Official-style MSDA: unfold K and V into k*k copies per group (zero border)."""
+    batch, height, width, heads, head_dim = q.shape
+    per_group = heads // len(dilations)
+    outputs = []
+    for i, dilation in enumerate(dilations):
+        group = slice(i * per_group, (i + 1) * per_group)
+        channels = per_group * head_dim
+
+        def unfold(x, dilation=dilation, channels=channels, group=group):
+            x = x[..., group, :].reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+            cols = F.unfold(x, kernel_size, dilation=dilation, padding=dilation * (kernel_size - 1) // 2)
+            return cols.view(batch, per_group, head_dim, kernel_size**2, height * width).permute(0, 1, 4, 2, 3)
+
+        keys, values = unfold(k), unfold(v)  # (B, h, N, d, k*k)
+        queries = q[..., group, :].reshape(batch, height * width, per_group, 1, head_dim).transpose(1, 2)
+        attn = (queries @ keys * scale).softmax(-1)  # (B, h, N, 1, k*k)
+        out = attn @ values.transpose(-1, -2)  # (B, h, N, 1, d)
+        outputs.append(out.squeeze(-2).transpose(1, 2).reshape(batch, height, width, per_group, head_dim))
+    return torch.cat(outputs, dim=3)
+
+
+def sdpa_global(q, k, v, scale: float) -> torch.Tensor:
+    batch, height, width, heads, head_dim = q.shape
+
+    def tokens(x):
+        return x.reshape(batch, height * width, heads, head_dim).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(tokens(q), tokens(k), tokens(v), scale=scale)
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def copy_bandwidth_bytes_per_ms(nbytes: int = 64 * 2**20) -> float:
+    """Read+write bandwidth of a plain tensor copy, in bytes per millisecond."""
+    src = torch.empty(nbytes // 4)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), repeats=10, warmup=3)
+    return 2 * nbytes / ms
+
+
+def candidates(shape: OpShape, backends: tuple[str, ...]) -> dict[str, Callable]:
+    scale = shape.head_dim**-0.5
+    table: dict[str, Callable] = {
+        name: (
+            lambda q, k, v, name=name: multi_scale_dilated_attention(
+                q, k, v, shape.kernel_size, shape.dilations, scale=scale, backend=name
+            )
+        )
+        for name in backends
+    }
+    table["unfold (official-style)"] = lambda q, k, v: unfold_msda(q, k, v, shape.kernel_size, shape.dilations, scale)
+    table["sdpa-global"] = lambda q, k, v: sdpa_global(q, k, v, scale)
+    return table
+
+
+def measure_candidate(fn: Callable, shape: OpShape, repeats: int, backward: bool = True) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape.qkv_shape, generator=generator).requires_grad_() for _ in range(3))
+
+    def forward():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def forward_backward():
+        out = fn(q, k, v)
+        torch.autograd.backward(out, torch.ones_like(out))
+
+    row = {"forward_ms": median_ms(forward, repeats=repeats, warmup=1)}
+    if backward:
+        row["forward_backward_ms"] = median_ms(forward_backward, repeats=repeats, warmup=1)
+        row["saved_mb"] = saved_for_backward_bytes(lambda: fn(q, k, v)) / MB
+    return row
+
+
+def run_op_benchmark(
+    shapes: tuple[OpShape, ...] = STANDARD_SHAPES,
+    backends: tuple[str, ...] = ("eager", "native", "compiled"),
+    repeats: int = 10,
+    global_token_limit: int = 128 * 128,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """One row per (shape, implementation): medians of forward and forward+backward ms, MB saved for backward,
+    and speed ratios against the unfold baseline of the same shape."""
+    bandwidth = copy_bandwidth_bytes_per_ms()
+    rows = []
+    for shape in shapes:
+        measured = {}
+        for name, fn in candidates(shape, backends).items():
+            if progress:
+                progress(f"{shape.name}: {name}")
+            if name == "sdpa-global" and shape.height * shape.width > global_token_limit:
+                continue
+            measured[name] = measure_candidate(fn, shape, repeats)
+        measured["byte-floor"] = {
+            "forward_ms": 4 * shape.tensor_bytes / bandwidth,
+            "forward_backward_ms": 12 * shape.tensor_bytes / bandwidth,
+            "saved_mb": 4 * shape.tensor_bytes / MB,
+        }
+        baseline = measured["unfold (official-style)"]
+        for name, row in measured.items():
+            rows.append(
+                {
+                    "shape": shape.name,
+                    "impl": name,
+                    **row,
+                    "forward_speedup": baseline["forward_ms"] / row["forward_ms"],
+                    "forward_backward_speedup": baseline["forward_backward_ms"] / row["forward_backward_ms"],
+                    "saved_vs_qkvo": row["saved_mb"] * MB / (4 * shape.tensor_bytes),
+                }
+            )
+    return rows
+
+
+def run_scaling_sweep(
+    sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
+    backends: tuple[str, ...] = ("native",),
+    batch: int = 1,
+    heads: int = 3,
+    repeats: int = 5,
+    global_token_limit: int = 64 * 64,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Forward ms and MB saved for backward per image size: MSDA grows with H*W, global attention with (H*W)**2."""
+    rows = []
+    for size in sizes:
+        shape = OpShape(f"{size}x{size}", batch, size, size, heads)
+        for name, fn in candidates(shape, backends).items():
+            if name == "sdpa-global" and size * size > global_token_limit:
+                continue
+            if progress:
+                progress(f"sweep {size}x{size}: {name}")
+            rows.append({"size": size, "tokens": size * size, "impl": name, **measure_candidate(fn, shape, repeats)})
+    return rows
+
+
+def format_op_rows(rows: list[dict]) -> str:
+    headers = ["shape", "impl", "fwd ms", "fwd+bwd ms", "saved MB", "fwd x", "fwd+bwd x", "saved/qkvo"]
+    body = [
+        [
+            r["shape"],
+            r["impl"],
+            r["forward_ms"],
+            r["forward_backward_ms"],
+            r["saved_mb"],
+            r["forward_speedup"],
+            r["forward_backward_speedup"],
+            r["saved_vs_qkvo"],
+        ]
+        for r in rows
+    ]
+    return format_table(headers, body)
+
+
+def format_sweep_rows(rows: list[dict]) -> str:
+    headers = ["size", "tokens", "impl", "fwd ms", "fwd+bwd ms", "saved MB"]
+    body = [[r["size"], r["tokens"], r["impl"], r["forward_ms"], r["forward_backward_ms"], r["saved_mb"]] for r in rows]
+    return format_table(headers, body)

@@ -1,0 +1,236 @@
+"""The native CPU backend: a one-pass C kernel per direction (csrc/msda_cpu.c), built at first use.
+
+The C file needs no PyTorch headers, so building it takes about a second with the system C compiler; the shared
+library is cached per machine under ``$DILATEFORMER_CACHE_DIR`` (default ``~/.cache/dilateformer``), keyed by a
+hash of the source and flags, and written atomically so concurrent processes never load a half-written file.
+Calls go through ctypes, which releases the GIL, and are split over ``torch.get_num_threads()`` Python threads.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from dilateformer.ops import library
+from dilateformer.ops.kernels import compute_dtype
+from dilateformer.ops.neighborhood import window_table
+
+_SOURCE = Path(__file__).with_name("csrc") / "msda_cpu.c"
+_UNIT = '#define SCALAR float\n#define SUFFIX _f32\n#include "{src}"\n#undef SCALAR\n#undef SUFFIX\n' + (
+    '#define SCALAR double\n#define SUFFIX _f64\n#include "{src}"\n'
+)
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-std=c11", "-fPIC", "-shared"],
+    ["-O3", "-std=c11", "-fPIC", "-shared"],
+)
+_SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
+
+
+class _Problem(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("batch", "height", "width", "heads", "head_dim", "kernel_size")),
+        ("groups", ctypes.c_int64),
+        ("q_stride", ctypes.c_int64),
+        ("k_stride", ctypes.c_int64),
+        ("v_stride", ctypes.c_int64),
+        ("rows", ctypes.c_void_p),
+        ("cols", ctypes.c_void_p),
+        ("dilations", ctypes.c_void_p),
+        ("row_valid", ctypes.c_void_p),
+        ("col_valid", ctypes.c_void_p),
+        ("scale", ctypes.c_double),
+        ("zero_border", ctypes.c_int64),
+    ]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DILATEFORMER_CACHE_DIR") or Path.home() / ".cache" / "dilateformer"
+    return Path(root) / "native"
+
+
+_build_lock = threading.Lock()
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL:
+    """Build (once per machine) and load the kernel library. Raises RuntimeError if no C compiler works."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("the native backend needs a C compiler (cc, gcc or clang) on PATH")
+    source = _SOURCE.read_bytes()
+    errors = []
+    with _build_lock:
+        for flags in _FLAG_SETS:
+            key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+            target = _cache_dir() / f"msda_cpu_{key}.so"
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                    unit = Path(tmp) / "unit.c"
+                    unit.write_text(_UNIT.format(src=_SOURCE.as_posix()))
+                    built = Path(tmp) / target.name
+                    result = subprocess.run(
+                        [compiler, *flags, str(unit), "-o", str(built), "-lm"], capture_output=True, text=True
+                    )
+                    if result.returncode != 0:
+                        errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-2000:]}")
+                        continue
+                    os.replace(built, target)
+            return _declare(ctypes.CDLL(str(target)))
+    raise RuntimeError("could not build the native MSDA kernels:\n" + "\n".join(errors))
+
+
+_SIGNATURES = {
+    "msda_forward": 5,
+    "msda_backward_queries": 9,
+    "msda_backward_keys_scatter": 6,
+    "msda_forward_zero": 5,
+    "msda_backward_zero_queries": 9,
+    "msda_backward_zero_keys": 6,
+}
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    # Without argtypes ctypes would pass the int64 ranges as 32-bit ints.
+    for name, pointers in _SIGNATURES.items():
+        for suffix in _SUFFIX.values():
+            fn = getattr(lib, name + suffix)
+            fn.argtypes = [ctypes.POINTER(_Problem), *[ctypes.c_void_p] * pointers, ctypes.c_int64, ctypes.c_int64]
+            fn.restype = None
+    return lib
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"the native backend runs on CPU tensors only, got device type {device.type!r}"
+    if _compiler() is None:
+        return "the native backend needs a C compiler (cc, gcc or clang) on PATH"
+    return None
+
+
+@functools.cache
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dilateformer-msda")
+
+
+# A forked child inherits the pool object but not its threads: start a fresh pool there.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+def _parallel(fn, args: tuple, total: int) -> None:
+    """Run fn(*args, begin, end) over [0, total) split across torch's intra-op thread count."""
+    workers = max(1, min(torch.get_num_threads(), total))
+    if workers == 1:
+        fn(*args, 0, total)
+        return
+    bounds = [total * i // workers for i in range(workers + 1)]
+    futures = [_pool(workers).submit(fn, *args, lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    for future in futures:
+        future.result()
+
+
+def _pixel_stride(t: torch.Tensor) -> int | None:
+    """Elements between consecutive pixels if (heads, head_dim) are dense and pixels evenly spaced, else None."""
+    batch, height, width, heads, head_dim = t.shape
+    if t.stride(4) != 1 or t.stride(3) != head_dim:
+        return None
+    pixel = t.stride(2)
+    if (height > 1 and t.stride(1) != width * pixel) or (batch > 1 and t.stride(0) != height * width * pixel):
+        return None
+    return pixel if width > 1 or height > 1 or batch > 1 else heads * head_dim
+
+
+def _kernel_input(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    t = t.to(dtype)
+    stride = _pixel_stride(t)
+    if stride is None:
+        t = t.contiguous()
+        stride = t.shape[3] * t.shape[4]
+    return t, stride
+
+
+class _Tables:
+    """Per-group window tables and the ctypes problem description, kept alive for the duration of a call."""
+
+    def __init__(self, q, strides, kernel_size, dilations, scale, border):
+        batch, height, width, heads, head_dim = q.shape
+        rows = [window_table(height, kernel_size, d, border) for d in dilations]
+        cols = [window_table(width, kernel_size, d, border) for d in dilations]
+        self.rows = torch.stack([r for r, _ in rows]).contiguous()
+        self.row_valid = torch.stack([v for _, v in rows]).to(torch.uint8).contiguous()
+        self.cols = torch.stack([c for c, _ in cols]).contiguous()
+        self.col_valid = torch.stack([v for _, v in cols]).to(torch.uint8).contiguous()
+        self.dilations = torch.tensor(dilations, dtype=torch.int64)
+        self.problem = _Problem(
+            batch, height, width, heads, head_dim, kernel_size, len(dilations), *strides,
+            self.rows.data_ptr(), self.cols.data_ptr(), self.dilations.data_ptr(),
+            self.row_valid.data_ptr(), self.col_valid.data_ptr(), scale, int(border == "zero"),
+        )  # fmt: skip
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def msda_native_forward(q, k, v, kernel_size, dilations, scale, border):
+    lib, dtype = load_library(), compute_dtype(q.dtype)
+    (q, qs), (k, ks), (v, vs) = (_kernel_input(t, dtype) for t in (q, k, v))
+    tables = _Tables(q, (qs, ks, vs), kernel_size, list(dilations), scale, border)
+    out = torch.empty(q.shape, dtype=dtype)
+    lse = torch.empty(q.shape[:-1], dtype=dtype)
+    fn = getattr(lib, ("msda_forward_zero" if border == "zero" else "msda_forward") + _SUFFIX[dtype])
+    rows = q.shape[0] * q.shape[1]
+    _parallel(fn, (ctypes.byref(tables.problem), _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse)), rows)
+    return out, lse
+
+
+def msda_native_backward(grad_out, q, k, v, out, lse, kernel_size, dilations, scale, border):
+    lib, dtype = load_library(), compute_dtype(q.dtype)
+    (q, qs), (k, ks), (v, vs) = (_kernel_input(t, dtype) for t in (q, k, v))
+    grad_out, out, lse = (t.to(dtype).contiguous() for t in (grad_out, out, lse))
+    tables = _Tables(q, (qs, ks, vs), kernel_size, list(dilations), scale, border)
+    problem = ctypes.byref(tables.problem)
+    batch, height, width, heads = q.shape[:4]
+    # Per query and window slot: probability and logit gradient, for the second (key) pass.
+    probs = torch.empty(batch * height * width * heads * kernel_size**2, dtype=dtype)
+    dlogits = torch.empty_like(probs)
+    grad_q = torch.empty(q.shape, dtype=dtype)
+    suffix = _SUFFIX[dtype]
+    if border == "zero":
+        # Row-vectorised kernels; each key row gathers from the query rows that reach it.
+        pass_one = getattr(lib, "msda_backward_zero_queries" + suffix)
+        pass_two, total = getattr(lib, "msda_backward_zero_keys" + suffix), batch * height
+        grad_k, grad_v = torch.empty(q.shape, dtype=dtype), torch.empty(q.shape, dtype=dtype)
+    else:
+        # Several queries can share a key in one slot: scatter, one (batch, head) pair per task.
+        pass_one = getattr(lib, "msda_backward_queries" + suffix)
+        pass_two, total = getattr(lib, "msda_backward_keys_scatter" + suffix), batch * heads
+        grad_k, grad_v = torch.zeros(q.shape, dtype=dtype), torch.zeros(q.shape, dtype=dtype)
+    _parallel(pass_one, (problem, *map(_ptr, (grad_out, q, k, v, out, lse, grad_q, probs, dlogits))), batch * height)
+    _parallel(pass_two, (problem, *map(_ptr, (grad_out, q, probs, dlogits, grad_k, grad_v))), total)
+    return grad_q, grad_k, grad_v
+
+
+library.register_impl("native", msda_native_forward, msda_native_backward)
+
+
+def msda_native(q, k, v, kernel_size: int, dilations: tuple[int, ...], scale: float, border: str) -> torch.Tensor:
+    out, _ = torch.ops.dilateformer.msda_forward(q, k, v, kernel_size, list(dilations), scale, border, "native")
+    return out
