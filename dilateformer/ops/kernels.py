@@ -43,7 +43,9 @@ class _Window:
             self.rows, rows_valid = window_table(height, kernel_size, dilation, border, device)
             self.cols, cols_valid = window_table(width, kernel_size, dilation, border, device)
             self.valid = rows_valid[:, None, :, None] & cols_valid[None, :, None, :]  # (H, W, k, k)
-            self.all_valid = bool(self.valid.all())
+            # The shortest dilation sub-grid of an axis of length L has max(L // d, 1) points; decided from sizes,
+            # not the table's contents, so torch.compile needs no data-dependent guard.
+            self.all_valid = min(max(height // dilation, 1), max(width // dilation, 1)) >= kernel_size
 
     def slots(self):
         for a in range(self.kernel_size):

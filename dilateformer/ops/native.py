@@ -71,7 +71,7 @@ _build_lock = threading.Lock()
 @functools.cache
 def load_library() -> ctypes.CDLL:
     """Build (once per machine) and load the kernel library. Raises RuntimeError if no C compiler works."""
-    compiler = _compiler()
+    compiler = _COMPILER
     if compiler is None:
         raise RuntimeError("the native backend needs a C compiler (cc, gcc or clang) on PATH")
     source = _SOURCE.read_bytes()
@@ -117,10 +117,14 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+# Probed once at import: a PATH lookup per call would also break torch.compile tracing of the caller.
+_COMPILER = _compiler()
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"the native backend runs on CPU tensors only, got device type {device.type!r}"
-    if _compiler() is None:
+    if _COMPILER is None:
         return "the native backend needs a C compiler (cc, gcc or clang) on PATH"
     return None
 
