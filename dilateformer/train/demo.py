@@ -228,6 +228,13 @@ def _run(settings: dict[str, Any], seed: int, output: Path, say) -> dict[str, An
     say("growth exponents (log-log slope vs pixel count over the larger sizes; 1 = linear, 2 = quadratic):")
     for name, slope in slopes.items():
         say(f"  {name}: time {slope['time']:.2f}, memory {slope['memory']:.2f}, FLOPs {slope['gflops']:.2f}")
+    if slopes[list(models)[1]]["memory"] < 1.5:
+        say(
+            "  note: the twin's global attention runs through fused scaled_dot_product_attention, which keeps no "
+            "N x N matrix for backward, so its saved memory grows linearly here; its FLOPs and time are quadratic. "
+            "Implementations that materialise the attention matrix (as the official code does) also grow "
+            "quadratically in memory."
+        )
 
     say("\n3. attention map on scikit-image's 'chelsea'")
     png = output / "attention_chelsea.png"

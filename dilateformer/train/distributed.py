@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -57,8 +58,28 @@ def init(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        dist.init_process_group(
+            backend="nccl" if want_cuda else "gloo", store=_attempt_store(rank, world), rank=rank, world_size=world
+        )
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store:
+    """The rendezvous store, with keys private to this torchrun attempt.
+
+    After a ``--max-restarts`` restart, the new workers were seen reading the dead attempt's gloo addresses
+    from the shared agent store and connecting to a closed port (refused, or hanging until the timeout). A
+    prefix per restart count keeps each attempt's keys apart.
+    """
+    use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        int(os.environ.get("MASTER_PORT", "29500")),
+        world,
+        is_master=not use_agent_store and rank == 0,  # torchrun's agent already serves the store
+        timeout=timedelta(minutes=30),
+    )
+    return dist.PrefixStore(f"dilateformer/attempt_{restart_count()}", store)
 
 
 def cleanup() -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,11 @@ def test_torchrun_restart_resumes_from_last_checkpoint(image_folder: Path, tmp_p
         _torchrun("--max-restarts=1", "-m", "dilateformer", "train", "--data-dir", str(image_folder), *tiny_model,
                   "-b", "4", "--epochs", "3", "--warmup-epochs", "0", "--workers", "0", "--log-interval", "1",
                   "--output", str(out)),  # fmt: skip
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=cli_env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env, start_new_session=True,
     )  # fmt: skip
+    # A hung restart must fail the test, not the CI job: kill the launcher and its workers after a generous limit.
+    watchdog = threading.Timer(240, os.killpg, args=(proc.pid, signal.SIGKILL))
+    watchdog.start()
     lines, killed = [], False
     for line in proc.stdout:
         lines.append(line)
@@ -74,6 +78,7 @@ def test_torchrun_restart_resumes_from_last_checkpoint(image_folder: Path, tmp_p
             os.kill(workers[-1], signal.SIGKILL)  # one rank dies; torchrun restarts both
             killed = True
     proc.wait(timeout=300)
+    watchdog.cancel()
     text = "".join(lines)
     assert killed and proc.returncode == 0, text
     assert "torchrun restart #1" in text and "at epoch 2/3" in text
