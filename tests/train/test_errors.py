@@ -104,9 +104,7 @@ def test_predict_missing_image_and_checkpoint(capsys, tmp_path: Path) -> None:
     assert "--checkpoint" in err and "does not exist" in err
 
 
-@pytest.mark.parametrize("sizes", ["abc", "16", ""])
+@pytest.mark.parametrize("sizes", ["abc", "16", "64,-1"])
 def test_demo_bad_sizes(capsys, tmp_path: Path, sizes: str) -> None:
-    if not sizes:
-        pytest.skip("an empty --sizes means the default sweep")
     err = _fails(capsys, "demo", "--quick", "--sizes", sizes, "--output", str(tmp_path / "demo"))
     assert "--sizes" in err
