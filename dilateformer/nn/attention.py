@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dilateformer.functional import (
+    BACKEND_NAMES,
     check_border,
     check_dilations,
     check_heads_divisible,
@@ -67,7 +68,36 @@ def from_channels_last(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.permute(0, 3, 1, 2) if layout == "nchw" else x
 
 
-class MultiScaleDilatedAttention(nn.Module):
+class _HeadedAttention(nn.Module):
+    """What MSDA and global attention share: heads, scale, layout, the qkv/proj pair and the dropouts."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv: nn.Module,
+        qk_scale: float | None,
+        attn_drop: float,
+        proj_drop: float,
+        layout: str,
+        dd: dict,
+    ) -> None:
+        super().__init__()
+        self.head_dim = check_dim_heads(dim, num_heads)
+        self.dim, self.num_heads = dim, num_heads
+        self.layout = check_layout(layout)
+        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
+        self.qkv = qkv
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _probabilities_requested(self) -> bool:
+        """True while someone hooks ``attn_drop`` to read the attention maps."""
+        return bool(self.attn_drop._forward_hooks or self.attn_drop._forward_pre_hooks)
+
+
+class MultiScaleDilatedAttention(_HeadedAttention):
     """Multi-Scale Dilated Attention (MSDA), the drop-in layer.
 
     ``qkv`` (a 1x1 conv, C -> 3C, output channels ordered [q | k | v][head][head_dim]) projects the input; the
@@ -113,21 +143,17 @@ class MultiScaleDilatedAttention(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.head_dim = check_dim_heads(dim, num_heads)
-        self.dim, self.num_heads = dim, num_heads
+        check_dim_heads(dim, num_heads)
+        qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=qkv_bias, **dd)
+        super().__init__(dim, num_heads, qkv, qk_scale, attn_drop, proj_drop, layout, dd)
         self.kernel_size = check_kernel_size(kernel_size)
         self.dilations = check_dilations(dilations)
         check_heads_divisible(num_heads, self.dilations, what="num_heads")
         self.border = check_border(border)
-        self.layout = check_layout(layout)
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
         self.backend = backend
-        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
-        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=qkv_bias, **dd)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
         return (
@@ -136,8 +162,7 @@ class MultiScaleDilatedAttention(nn.Module):
         )
 
     def _needs_explicit_probs(self) -> bool:
-        dropping = self.training and self.attn_drop.p > 0
-        return dropping or bool(self.attn_drop._forward_hooks or self.attn_drop._forward_pre_hooks)
+        return (self.training and self.attn_drop.p > 0) or self._probabilities_requested()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = to_channels_last(x, self.dim, self.layout, type(self).__name__)
@@ -171,7 +196,7 @@ class MultiScaleDilatedAttention(nn.Module):
         return from_channels_last(out, self.layout)
 
 
-class GlobalAttention(nn.Module):
+class GlobalAttention(_HeadedAttention):
     """Multi-head self-attention over all H*W positions: DilateFormer's deep-stage attention, and MSDA's twin.
 
     ``qkv`` is a Linear C -> 3C ([q | k | v][head][head_dim]) and ``proj`` a Linear C -> C, as in the official
@@ -192,16 +217,10 @@ class GlobalAttention(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.head_dim = check_dim_heads(dim, num_heads)
-        self.dim, self.num_heads = dim, num_heads
-        self.layout = check_layout(layout)
-        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
+        check_dim_heads(dim, num_heads)
+        qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        super().__init__(dim, num_heads, qkv, qk_scale, attn_drop, proj_drop, layout, dd)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, layout={self.layout!r}"
@@ -211,7 +230,7 @@ class GlobalAttention(nn.Module):
         batch, height, width, _ = x.shape
         qkv = self.qkv(x).view(batch, height * width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, head_dim)
-        if self.attn_drop._forward_hooks or self.attn_drop._forward_pre_hooks:
+        if self._probabilities_requested():
             probs = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(-1))
             out = probs @ v
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -56,3 +57,21 @@ def forward_backward(fn, q, k, v, grad_out=None):
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(123), dtype=out.dtype)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     return out, grads
+
+
+def assert_backend_matches_reference(problem: dict, backend: str) -> None:
+    """Forward and input gradients of ``backend`` equal the reference backend's within 1e-9 in float64.
+
+    ``problem`` holds ``shape``, ``seed``, ``kernel_size``, ``dilations`` and ``border``.
+    """
+    from dilateformer.functional import multi_scale_dilated_attention
+
+    q, k, v = random_qkv(problem["shape"], seed=problem["seed"])
+    options = dict(kernel_size=problem["kernel_size"], dilations=problem["dilations"], border=problem["border"])
+    reference = functools.partial(multi_scale_dilated_attention, **options, backend="reference")
+    candidate = functools.partial(multi_scale_dilated_attention, **options, backend=backend)
+    out_ref, grads_ref = forward_backward(reference, q, k, v)
+    out_new, grads_new = forward_backward(candidate, q, k, v)
+    torch.testing.assert_close(out_new, out_ref, rtol=0, atol=1e-9)
+    for a, b in zip(grads_new, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)

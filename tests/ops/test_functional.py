@@ -9,7 +9,7 @@ import torch
 
 import dilateformer
 from dilateformer.functional import multi_scale_dilated_attention as msda
-from tests.ops.helpers import forward_backward, official_cases, random_qkv
+from tests.ops.helpers import assert_backend_matches_reference, forward_backward, official_cases, random_qkv
 
 FAST_BACKENDS = ["reference", "eager", "native"]
 CASES = official_cases()
@@ -31,28 +31,16 @@ def test_matches_official_code_forward_and_gradients(case, backend):
 def test_compiled_backend_matches_reference_in_float64(border):
     # Two shapes: the first compiles statically, the second with symbolic sizes; both must be exact.
     for seed, shape in enumerate([(2, 9, 7, 4, 8), (3, 5, 12, 4, 8)]):
-        q, k, v = random_qkv(shape, seed=seed)
-        ref = functools.partial(msda, kernel_size=3, dilations=(1, 3), border=border, backend="reference")
-        new = functools.partial(msda, kernel_size=3, dilations=(1, 3), border=border, backend="compiled")
-        out_ref, grads_ref = forward_backward(ref, q, k, v)
-        out_new, grads_new = forward_backward(new, q, k, v)
-        torch.testing.assert_close(out_new, out_ref, rtol=0, atol=1e-9)
-        for a, b in zip(grads_new, grads_ref, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+        problem = dict(shape=shape, seed=seed, kernel_size=3, dilations=(1, 3), border=border)
+        assert_backend_matches_reference(problem, "compiled")
 
 
 @pytest.mark.parametrize("backend", ["eager", "native"])
 @pytest.mark.parametrize("border", ["zero", "clamp"])
 @pytest.mark.parametrize("kernel_size,dilations", [(1, (1,)), (3, (1, 2, 3)), (5, (2, 4)), (7, (1,))])
 def test_backend_matches_reference_in_float64(backend, border, kernel_size, dilations):
-    q, k, v = random_qkv((2, 11, 6, 6, 5))
-    ref = functools.partial(msda, kernel_size=kernel_size, dilations=dilations, border=border, backend="reference")
-    new = functools.partial(msda, kernel_size=kernel_size, dilations=dilations, border=border, backend=backend)
-    out_ref, grads_ref = forward_backward(ref, q, k, v)
-    out_new, grads_new = forward_backward(new, q, k, v)
-    torch.testing.assert_close(out_new, out_ref, rtol=0, atol=1e-9)
-    for a, b in zip(grads_new, grads_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    problem = dict(shape=(2, 11, 6, 6, 5), seed=0, kernel_size=kernel_size, dilations=dilations, border=border)
+    assert_backend_matches_reference(problem, backend)
 
 
 @pytest.mark.parametrize("backend", ["eager", "native"])

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dilateformer.functional import multi_scale_dilated_attention as msda
-from tests.ops.helpers import forward_backward, random_qkv
+from tests.ops.helpers import assert_backend_matches_reference, random_qkv
 
 SIZES = st.integers(1, 20)
 KERNELS = st.sampled_from([1, 3, 5, 7])
@@ -34,26 +32,16 @@ def msda_problems(draw, sizes=SIZES, kernels=KERNELS):
     )
 
 
-def _assert_backend_matches_reference(problem, backend):
-    q, k, v = random_qkv(problem["shape"], seed=problem["seed"])
-    options = dict(kernel_size=problem["kernel_size"], dilations=problem["dilations"], border=problem["border"])
-    out_ref, grads_ref = forward_backward(functools.partial(msda, **options, backend="reference"), q, k, v)
-    out_new, grads_new = forward_backward(functools.partial(msda, **options, backend=backend), q, k, v)
-    torch.testing.assert_close(out_new, out_ref, rtol=0, atol=1e-9)
-    for a, b in zip(grads_new, grads_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
-
-
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=msda_problems())
 def test_eager_agrees_with_reference(problem):
-    _assert_backend_matches_reference(problem, "eager")
+    assert_backend_matches_reference(problem, "eager")
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=msda_problems())
 def test_native_agrees_with_reference(problem):
-    _assert_backend_matches_reference(problem, "native")
+    assert_backend_matches_reference(problem, "native")
 
 
 @st.composite
@@ -74,7 +62,7 @@ def compiled_problems(draw):
 @settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=compiled_problems())
 def test_compiled_agrees_with_reference(problem):
-    _assert_backend_matches_reference(problem, "compiled")
+    assert_backend_matches_reference(problem, "compiled")
 
 
 @settings(max_examples=30, deadline=None)
