@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from dilateformer.analysis.measure import format_table, median_ms, saved_for_backward_bytes
+from dilateformer.ops.context import default_backend, select_backend
 from dilateformer.train.errors import CLIError
 
 DEMO_MODEL = "dilateformer_nano"
@@ -157,12 +157,12 @@ def run_demo(args: argparse.Namespace) -> int:
     def say(text: str = "") -> None:
         print(text, flush=True)
 
-    # The fused "compiled" backend pays ~30 s of compilation per shape on 2 CPUs; the sweep visits many shapes,
-    # so the demo runs the eager kernels unless DILATEFORMER_BACKEND says otherwise.
-    backend = os.environ.get("DILATEFORMER_BACKEND", "eager")
+    # "auto" resolves to the native C kernels on CPU: no per-shape compilation while the sweep visits many sizes.
+    backend = default_backend()
+    resolved = select_backend(backend, torch.device("cpu"), torch.float32)
     mode = "quick" if args.quick else "full"
-    say(f"dilateformer demo ({mode}; MSDA backend {backend}; {torch.get_num_threads()} threads)")
-    with use_backend(backend):
+    say(f"dilateformer demo ({mode}; MSDA backend {resolved}; {torch.get_num_threads()} threads)")
+    with use_backend(resolved):
         result = _run(settings, args.seed, output, say)
     result["wall_seconds"] = time.perf_counter() - started
     (output / "demo.json").write_text(json.dumps(result, indent=2))
