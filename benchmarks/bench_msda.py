@@ -81,11 +81,14 @@ def main() -> None:
     print(format_sweep_rows(sweep), flush=True)
     latency = {}
     if not args.quick:
-        for cold in (True, False):
-            latency["cold cache" if cold else "warm cache"] = first_call_latency(cold)
-        table = [[cache, label, fwd, total] for cache, runs in latency.items() for label, (fwd, total) in runs.items()]
-        print("\nCompiled backend, first call in a fresh process (seconds)")
-        print(format_table(["inductor cache", "call", "forward s", "forward+backward s"], table))
+        for backend in ("native", "compiled"):
+            for cold in (True, False):
+                key = f"{backend}, {'cold' if cold else 'warm'} cache"
+                progress(f"first-call latency: {key}")
+                latency[key] = first_call_latency(backend, cold)
+        table = [[key, label, fwd, total] for key, runs in latency.items() for label, (fwd, total) in runs.items()]
+        print("\nFirst calls in a fresh process, seconds (stage-1 shape, then two new image sizes)")
+        print(format_table(["backend, build cache", "call", "forward s", "forward+backward s"], table))
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

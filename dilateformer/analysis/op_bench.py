@@ -2,7 +2,8 @@
 
 Baselines:
 - ``unfold``: MSDA the way the official DilateFormer code computes it, written independently here: per dilation
-  group, ``F.unfold`` makes k*k copies of K and V, then two small matmuls and a softmax.
+  group, ``F.unfold`` makes k*k copies of K and V, then two small matmuls and a softmax. It gets its inputs
+  channels-first, as the official qkv conv makes them, so no layout change is timed against it.
 - ``sdpa-global``: global attention over all H*W tokens through ``F.scaled_dot_product_attention``.
 - ``byte-floor``: the time to move q, k, v and out once (forward) and the twelve tensors of forward plus backward
   once, at the copy bandwidth measured in the same run; its saved-memory column is q+k+v+out, the bound MSDA's
@@ -51,26 +52,36 @@ STANDARD_SHAPES = (
 )
 
 
-def unfold_msda(q, k, v, kernel_size: int, dilations: tuple[int, ...], scale: float) -> torch.Tensor:
-    """Official-style MSDA: unfold K and V into k*k copies per group (zero border)."""
-    batch, height, width, heads, head_dim = q.shape
+def unfold_msda(q, k, v, heads: int, kernel_size: int, dilations: tuple[int, ...], scale: float) -> torch.Tensor:
+    """Official-style MSDA (zero border): per group, unfold K and V into k*k copies, then two small matmuls.
+
+    Takes q, k, v channels-first, ``(B, heads * head_dim, H, W)``, as the official qkv conv produces them, and
+    returns ``(B, H, W, heads * head_dim)`` like the official layer.
+    """
+    batch, channels, height, width = q.shape
+    head_dim = channels // heads
     per_group = heads // len(dilations)
+    group_channels = per_group * head_dim
     outputs = []
     for i, dilation in enumerate(dilations):
-        group = slice(i * per_group, (i + 1) * per_group)
-        channels = per_group * head_dim
+        group = slice(i * group_channels, (i + 1) * group_channels)
 
-        def unfold(x, dilation=dilation, channels=channels, group=group):
-            x = x[..., group, :].reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-            cols = F.unfold(x, kernel_size, dilation=dilation, padding=dilation * (kernel_size - 1) // 2)
+        def unfold(x, dilation=dilation, group=group):
+            cols = F.unfold(x[:, group], kernel_size, dilation=dilation, padding=dilation * (kernel_size - 1) // 2)
             return cols.view(batch, per_group, head_dim, kernel_size**2, height * width).permute(0, 1, 4, 2, 3)
 
         keys, values = unfold(k), unfold(v)  # (B, h, N, d, k*k)
-        queries = q[..., group, :].reshape(batch, height * width, per_group, 1, head_dim).transpose(1, 2)
+        queries = q[:, group].reshape(batch, per_group, head_dim, 1, height * width).permute(0, 1, 4, 3, 2)
         attn = (queries @ keys * scale).softmax(-1)  # (B, h, N, 1, k*k)
         out = attn @ values.transpose(-1, -2)  # (B, h, N, 1, d)
-        outputs.append(out.squeeze(-2).transpose(1, 2).reshape(batch, height, width, per_group, head_dim))
-    return torch.cat(outputs, dim=3)
+        outputs.append(out.squeeze(-2).transpose(1, 2).reshape(batch, height, width, group_channels))
+    return torch.cat(outputs, dim=-1)
+
+
+def heads_last_to_channels_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, heads, head_dim) -> (B, heads * head_dim, H, W), contiguous."""
+    batch, height, width, heads, head_dim = x.shape
+    return x.reshape(batch, height, width, heads * head_dim).permute(0, 3, 1, 2).contiguous()
 
 
 def sdpa_global(q, k, v, scale: float) -> torch.Tensor:
@@ -91,24 +102,33 @@ def copy_bandwidth_bytes_per_ms(nbytes: int = 64 * 2**20) -> float:
     return 2 * nbytes / ms
 
 
-def candidates(shape: OpShape, backends: tuple[str, ...]) -> dict[str, Callable]:
+def _same_layout(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def candidates(shape: OpShape, backends: tuple[str, ...]) -> dict[str, tuple[Callable, Callable]]:
+    """name -> (fn(q, k, v), layout): each implementation gets its inputs in its own layout, made before timing."""
     scale = shape.head_dim**-0.5
-    table: dict[str, Callable] = {
+    table: dict[str, tuple[Callable, Callable]] = {
         name: (
             lambda q, k, v, name=name: multi_scale_dilated_attention(
                 q, k, v, shape.kernel_size, shape.dilations, scale=scale, backend=name
-            )
+            ),
+            _same_layout,
         )
         for name in backends
     }
-    table["unfold (official-style)"] = lambda q, k, v: unfold_msda(q, k, v, shape.kernel_size, shape.dilations, scale)
-    table["sdpa-global"] = lambda q, k, v: sdpa_global(q, k, v, scale)
+    table["unfold (official-style)"] = (
+        lambda q, k, v: unfold_msda(q, k, v, shape.heads, shape.kernel_size, shape.dilations, scale),
+        heads_last_to_channels_first,
+    )
+    table["sdpa-global"] = (lambda q, k, v: sdpa_global(q, k, v, scale), _same_layout)
     return table
 
 
-def measure_candidate(fn: Callable, shape: OpShape, repeats: int, backward: bool = True) -> dict[str, float]:
+def measure_candidate(fn: Callable, layout: Callable, shape: OpShape, repeats: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(shape.qkv_shape, generator=generator).requires_grad_() for _ in range(3))
+    q, k, v = (layout(torch.randn(shape.qkv_shape, generator=generator)).requires_grad_() for _ in range(3))
 
     def forward():
         with torch.no_grad():
@@ -118,11 +138,11 @@ def measure_candidate(fn: Callable, shape: OpShape, repeats: int, backward: bool
         out = fn(q, k, v)
         torch.autograd.backward(out, torch.ones_like(out))
 
-    row = {"forward_ms": median_ms(forward, repeats=repeats, warmup=1)}
-    if backward:
-        row["forward_backward_ms"] = median_ms(forward_backward, repeats=repeats, warmup=1)
-        row["saved_mb"] = saved_for_backward_bytes(lambda: fn(q, k, v)) / MB
-    return row
+    return {
+        "forward_ms": median_ms(forward, repeats=repeats, warmup=1),
+        "forward_backward_ms": median_ms(forward_backward, repeats=repeats, warmup=1),
+        "saved_mb": saved_for_backward_bytes(lambda: fn(q, k, v)) / MB,
+    }
 
 
 def run_op_benchmark(
@@ -138,12 +158,12 @@ def run_op_benchmark(
     rows = []
     for shape in shapes:
         measured = {}
-        for name, fn in candidates(shape, backends).items():
+        for name, (fn, layout) in candidates(shape, backends).items():
             if progress:
                 progress(f"{shape.name}: {name}")
             if name == "sdpa-global" and shape.height * shape.width > global_token_limit:
                 continue
-            measured[name] = measure_candidate(fn, shape, repeats)
+            measured[name] = measure_candidate(fn, layout, shape, repeats)
         measured["byte-floor"] = {
             "forward_ms": 4 * shape.tensor_bytes / bandwidth,
             "forward_backward_ms": 12 * shape.tensor_bytes / bandwidth,
@@ -177,12 +197,13 @@ def run_scaling_sweep(
     rows = []
     for size in sizes:
         shape = OpShape(f"{size}x{size}", batch, size, size, heads)
-        for name, fn in candidates(shape, backends).items():
+        for name, (fn, layout) in candidates(shape, backends).items():
             if name == "sdpa-global" and size * size > global_token_limit:
                 continue
             if progress:
                 progress(f"sweep {size}x{size}: {name}")
-            rows.append({"size": size, "tokens": size * size, "impl": name, **measure_candidate(fn, shape, repeats)})
+            measured = measure_candidate(fn, layout, shape, repeats)
+            rows.append({"size": size, "tokens": size * size, "impl": name, **measured})
     return rows
 
 

@@ -2,7 +2,7 @@
 
 - ``reference``: the explicit k x k neighbourhood gather, differentiated by autograd. The oracle.
 - ``eager``: shifted views with a hand-derived backward; plain PyTorch ops, no compiler.
-- ``native``: a one-pass C kernel per direction for CPU tensors, built at first use in about a second.
+- ``native``: one-pass C kernels for CPU tensors, built once per machine at first use (about 12 s).
 - ``compiled``: the eager kernels fused by torch.compile (C++ on CPU, Triton on CUDA).
 """
 

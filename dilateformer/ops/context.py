@@ -12,7 +12,7 @@ import torch
 from dilateformer.ops import BACKENDS
 
 BACKEND_NAMES = ("auto", *BACKENDS)
-AUTO_ORDER = {"cpu": ("native",), "cuda": ("compiled",)}
+AUTO_ORDER = {"cpu": ("native", "eager"), "cuda": ("compiled", "eager")}
 _ENV_VAR = "DILATEFORMER_BACKEND"
 _state = threading.local()
 

@@ -225,3 +225,15 @@ def test_bad_input_gets_a_clear_error(kwargs, error, match):
     args.update({n: kwargs.pop(n) for n in "qkv" if n in kwargs})
     with pytest.raises(error, match=match):
         msda(args["q"], args["k"], args["v"], **kwargs)
+
+
+def test_auto_falls_back_to_eager_when_the_native_build_fails(monkeypatch):
+    from dilateformer.ops import native
+    from dilateformer.ops.context import select_backend
+
+    monkeypatch.delenv("DILATEFORMER_BACKEND", raising=False)
+    monkeypatch.setattr(native, "_load_error", "could not build the native MSDA kernels: no space left")
+    assert select_backend("auto", torch.device("cpu"), torch.float32) == "eager"
+    q, k, v = random_qkv((1, 4, 4, 3, 2), requires_grad=False)
+    with pytest.raises(ValueError, match="'native' is not available on cpu: could not build"):
+        msda(q, k, v, backend="native")
