@@ -4,8 +4,9 @@ On CPU inductor emits vectorised C++ loops; on CUDA it emits Triton kernels. Eac
 few fused loops that read q, k and v once per window slot from cache instead of writing k*k intermediate tensors.
 
 Compilation happens on the first call for each configuration (kernel size, dilations, border, dtype, device type,
-head count), with symbolic batch, height and width, so a new image size reuses the compiled code (sizes of 1 are
-the exception: PyTorch specialises them).
+head count), for the exact sizes of that call. The first call in which a size differs recompiles with that size
+symbolic, after which new values of it reuse the code: at most one recompile each for batch, height and width
+(sizes of 1 are specialised by PyTorch).
 """
 
 from __future__ import annotations
@@ -28,11 +29,9 @@ def _compiled(fn):
 
 
 def _run(fn, *args):
-    # Batch, height and width are symbolic from the first compile on: one compile per configuration (about 9%
-    # slower kernels than exact-size ones, measured on CPU) instead of one more for each new image size.
-    for arg in args:
-        if isinstance(arg, torch.Tensor):
-            torch._dynamo.maybe_mark_dynamic(arg, [0, 1, 2])
+    # Sizes start static; a size that changes becomes symbolic at its first change (PyTorch's automatic dynamic
+    # shapes). Marking batch, height and width symbolic up front was tried: one compile fewer, but the symbolic
+    # backward took minutes of sympy work to compile on CPU.
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=4096):
         return _compiled(fn)(*args)
 
