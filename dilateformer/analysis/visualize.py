@@ -213,7 +213,8 @@ def load_image(path: str | Path):
             return img.convert("RGB")
     except FileNotFoundError:
         raise InputError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
+    # ImportError: Ultralytics, once imported, patches Image.open with a HEIF fallback that may be missing.
+    except (UnidentifiedImageError, OSError, ImportError) as error:
         raise InputError(f"cannot read image {path}: {error}") from None
 
 

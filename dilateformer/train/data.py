@@ -66,7 +66,9 @@ def load_image(path: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    # ImportError: once Ultralytics is imported it patches Image.open to fall back to a HEIF plugin that may be
+    # missing, so an unreadable file surfaces as ModuleNotFoundError instead of UnidentifiedImageError.
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as error:
         raise CorruptImageError(
             f"cannot read image {path} ({type(error).__name__}: {error}); remove or replace the file"
         ) from None

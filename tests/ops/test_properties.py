@@ -46,20 +46,20 @@ def test_native_agrees_with_reference(problem):
 
 @st.composite
 def compiled_problems(draw):
-    # One configuration per border, random sizes >= 2: the examples then share two compiled graphs per border
-    # (exact sizes, then symbolic sizes) instead of paying a compile of several seconds each.
+    # One configuration (border "zero"; "clamp" is covered in test_functional), random sizes >= 2: the examples
+    # share the exact-size and symbolic-size graphs instead of paying a compile each.
     size = st.integers(2, 20)
     return dict(
-        shape=(draw(st.integers(2, 3)), draw(size), draw(size), 4, 3),
+        shape=(draw(st.integers(2, 3)), draw(size), draw(size), 4, 8),
         kernel_size=3,
-        dilations=(1, 2),
-        border=draw(st.sampled_from(["zero", "clamp"])),
+        dilations=(1, 3),
+        border="zero",
         seed=draw(st.integers(0, 2**16)),
     )
 
 
 @pytest.mark.slow
-@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=compiled_problems())
 def test_compiled_agrees_with_reference(problem):
     assert_backend_matches_reference(problem, "compiled")
