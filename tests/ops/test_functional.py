@@ -9,7 +9,13 @@ import torch
 
 import dilateformer
 from dilateformer.functional import multi_scale_dilated_attention as msda
-from tests.ops.helpers import assert_backend_matches_reference, forward_backward, official_cases, random_qkv
+from tests.ops.helpers import (
+    COMPILED_SHAPES,
+    assert_backend_matches_reference,
+    forward_backward,
+    official_cases,
+    random_qkv,
+)
 
 FAST_BACKENDS = ["reference", "eager", "native"]
 CASES = official_cases()
@@ -27,17 +33,9 @@ def test_matches_official_code_forward_and_gradients(case, backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "border,shapes",
-    [
-        # The second shape exercises the recompile with symbolic sizes.
-        ("zero", [(2, 9, 7, 4, 8), (3, 5, 12, 4, 8)]),
-        # One shape: the symbolic recompile of the clamp tables costs minutes of compile time on 2 cores.
-        ("clamp", [(2, 9, 7, 4, 8)]),
-    ],
-)
-def test_compiled_backend_matches_reference_in_float64(border, shapes):
-    for seed, shape in enumerate(shapes):
+@pytest.mark.parametrize("border", ["zero", "clamp"])
+def test_compiled_backend_matches_reference_in_float64(border, static_compiled_shapes):
+    for seed, shape in enumerate(COMPILED_SHAPES):
         problem = dict(shape=shape, seed=seed, kernel_size=3, dilations=(1, 3), border=border)
         assert_backend_matches_reference(problem, "compiled")
 
@@ -59,9 +57,9 @@ def test_gradcheck(backend, border):
 
 
 @pytest.mark.slow
-def test_gradcheck_compiled():
-    # Same configuration as the float64 test above, so the compiled kernels are reused when both run.
-    q, k, v = random_qkv((2, 4, 5, 4, 8))
+def test_gradcheck_compiled(static_compiled_shapes):
+    # Same configuration and size as the float64 test above, so the compiled kernels are reused.
+    q, k, v = random_qkv(COMPILED_SHAPES[0])
     fn = functools.partial(msda, kernel_size=3, dilations=(1, 3), backend="compiled")
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
