@@ -256,8 +256,8 @@ def _add_benchmark(subparsers) -> None:
     p.add_argument("--part", choices=("op", "model", "all"), default="all", help="what to run (default all)")
     p.add_argument(
         "--backends",
-        default="eager,compiled",
-        help="MSDA backends to time, in the op and the model benchmark (default eager,compiled)",
+        default="eager,native,compiled",
+        help="MSDA backends to time, in the op and the model benchmark (default eager,native,compiled)",
     )
     p.add_argument("--sizes", default="32,64,128,256", help="square sizes of the op scaling sweep")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default 5)")
