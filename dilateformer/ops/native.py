@@ -26,14 +26,17 @@ from dilateformer.ops import library
 from dilateformer.ops.kernels import compute_dtype
 from dilateformer.ops.neighborhood import window_table
 
-_SOURCE = Path(__file__).with_name("csrc") / "msda_cpu.c"
-_UNIT = '#define SCALAR float\n#define SUFFIX _f32\n#include "{src}"\n#undef SCALAR\n#undef SUFFIX\n' + (
+_SOURCES = Path(__file__).with_name("csrc")
+_SOURCE = _SOURCES / "msda_cpu.c"
+_UNIT = (
+    '#define SCALAR float\n#define SUFFIX _f32\n#define WITH_BLOCKS\n#include "{src}"\n'
+    "#undef SCALAR\n#undef SUFFIX\n#undef WITH_BLOCKS\n"
     '#define SCALAR double\n#define SUFFIX _f64\n#include "{src}"\n'
 )
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-std=c11", "-fPIC", "-shared"],
-    ["-O3", "-std=c11", "-fPIC", "-shared"],
-)
+# Tuned for this CPU (AVX2 + FMA enable the 8-query block kernels), then a portable fallback.
+NATIVE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-std=c11", "-fPIC", "-shared")
+PORTABLE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared")
+_FLAG_SETS = (NATIVE_FLAGS, PORTABLE_FLAGS)
 _SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
 
 
@@ -51,6 +54,7 @@ class _Problem(ctypes.Structure):
         ("col_valid", ctypes.c_void_p),
         ("scale", ctypes.c_double),
         ("zero_border", ctypes.c_int64),
+        ("prob_rows", ctypes.c_int64),
     ]
 
 
@@ -72,13 +76,18 @@ _build_lock = threading.Lock()
 @functools.cache
 def load_library() -> ctypes.CDLL:
     """Build (once per machine) and load the kernel library. Raises RuntimeError if no C compiler works."""
+    return build_library(_FLAG_SETS)
+
+
+def build_library(flag_sets: tuple[tuple[str, ...], ...]) -> ctypes.CDLL:
+    """Build (or reuse from the cache) and load the kernels with the first of ``flag_sets`` that compiles."""
     compiler = _COMPILER
     if compiler is None:
         raise RuntimeError("the native backend needs a C compiler (cc, gcc or clang) on PATH")
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in sorted(_SOURCES.iterdir()) if path.suffix in (".c", ".h"))
     errors = []
     with _build_lock:
-        for flags in _FLAG_SETS:
+        for flags in flag_sets:
             key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
             target = _cache_dir() / f"msda_cpu_{key}.so"
             if not target.exists():
@@ -102,9 +111,8 @@ _SIGNATURES = {
     "msda_forward": 5,
     "msda_backward_queries": 9,
     "msda_backward_keys_scatter": 6,
-    "msda_forward_zero": 5,
-    "msda_backward_zero_queries": 9,
     "msda_backward_zero_keys": 6,
+    "msda_backward_zero_fused": 9,
 }
 
 
@@ -115,6 +123,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
             fn = getattr(lib, name + suffix)
             fn.argtypes = [ctypes.POINTER(_Problem), *[ctypes.c_void_p] * pointers, ctypes.c_int64, ctypes.c_int64]
             fn.restype = None
+        getattr(lib, "msda_has_blocks" + suffix).restype = ctypes.c_int
     return lib
 
 
@@ -197,7 +206,7 @@ class _Tables:
         self.problem = _Problem(
             batch, height, width, heads, head_dim, kernel_size, len(dilations), *strides,
             self.rows.data_ptr(), self.cols.data_ptr(), self.dilations.data_ptr(),
-            self.row_valid.data_ptr(), self.col_valid.data_ptr(), scale, int(border == "zero"),
+            self.row_valid.data_ptr(), self.col_valid.data_ptr(), scale, int(border == "zero"), batch * height,
         )  # fmt: skip
 
 
@@ -211,7 +220,7 @@ def msda_native_forward(q, k, v, kernel_size, dilations, scale, border):
     tables = _Tables(q, (qs, ks, vs), kernel_size, list(dilations), scale, border)
     out = torch.empty(q.shape, dtype=dtype)
     lse = torch.empty(q.shape[:-1], dtype=dtype)
-    fn = getattr(lib, ("msda_forward_zero" if border == "zero" else "msda_forward") + _SUFFIX[dtype])
+    fn = getattr(lib, "msda_forward" + _SUFFIX[dtype])
     rows = q.shape[0] * q.shape[1]
     _parallel(fn, (ctypes.byref(tables.problem), _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse)), rows)
     return out, lse
@@ -224,19 +233,24 @@ def msda_native_backward(grad_out, q, k, v, out, lse, kernel_size, dilations, sc
     tables = _Tables(q, (qs, ks, vs), kernel_size, list(dilations), scale, border)
     problem = ctypes.byref(tables.problem)
     batch, height, width, heads = q.shape[:4]
+    suffix = _SUFFIX[dtype]
+    if border == "zero" and batch >= min(torch.get_num_threads(), batch * height):
+        # Whole images per thread: both passes in one sweep, with a small ring of probs instead of a full buffer.
+        grads = [torch.empty(q.shape, dtype=dtype) for _ in range(3)]
+        fused = getattr(lib, "msda_backward_zero_fused" + suffix)
+        _parallel(fused, (problem, *map(_ptr, (grad_out, q, k, v, out, lse, *grads))), batch)
+        return tuple(grads)
     # Per query and window slot: probability and logit gradient, for the second (key) pass.
     probs = torch.empty(batch * height * width * heads * kernel_size**2, dtype=dtype)
     dlogits = torch.empty_like(probs)
     grad_q = torch.empty(q.shape, dtype=dtype)
-    suffix = _SUFFIX[dtype]
+    pass_one = getattr(lib, "msda_backward_queries" + suffix)
     if border == "zero":
-        # Row-vectorised kernels; each key row gathers from the query rows that reach it.
-        pass_one = getattr(lib, "msda_backward_zero_queries" + suffix)
+        # Each key sits in each slot of at most one query: every key row gathers from the queries that reach it.
         pass_two, total = getattr(lib, "msda_backward_zero_keys" + suffix), batch * height
         grad_k, grad_v = torch.empty(q.shape, dtype=dtype), torch.empty(q.shape, dtype=dtype)
     else:
         # Several queries can share a key in one slot: scatter, one (batch, head) pair per task.
-        pass_one = getattr(lib, "msda_backward_queries" + suffix)
         pass_two, total = getattr(lib, "msda_backward_keys_scatter" + suffix), batch * heads
         grad_k, grad_v = torch.zeros(q.shape, dtype=dtype), torch.zeros(q.shape, dtype=dtype)
     _parallel(pass_one, (problem, *map(_ptr, (grad_out, q, k, v, out, lse, grad_q, probs, dlogits))), batch * height)

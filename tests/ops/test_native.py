@@ -1,0 +1,106 @@
+"""The native backend's float32 paths: 8-query block kernels (AVX2 builds, head_dim % 8 == 0), the per-query
+kernels, the fused one-sweep backward (whole images per thread) and the two-pass backward, and a portable build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dilateformer.functional import multi_scale_dilated_attention as msda
+from dilateformer.ops import native
+from tests.ops.helpers import forward_backward, random_qkv
+
+
+def float32_problem(shape, kernel_size, dilations, border, seed, scale=None):
+    """Native float32 forward and gradients next to the float64 reference's."""
+    q, k, v = random_qkv(shape, seed=seed)
+    options = dict(kernel_size=kernel_size, dilations=dilations, border=border, scale=scale)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    expected = forward_backward(lambda *t: msda(*t, **options, backend="reference"), q, k, v, grad_out)
+    got = forward_backward(lambda *t: msda(*t, **options, backend="native"), q32, k32, v32, grad_out.float())
+    return got, expected
+
+
+def assert_float32_close(got, expected):
+    """Within 1e-5 relative, measured against each tensor's largest magnitude: gradients are sums of up to k*k
+    float32 terms, so an element near zero can carry the rounding of its larger neighbours."""
+    (out, grads), (out_ref, grads_ref) = got, expected
+    for a, b in zip((out, *grads), (out_ref, *grads_ref), strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * max(b.abs().max().item(), 1e-3))
+
+
+@st.composite
+def block_problems(draw):
+    groups = draw(st.integers(1, 3))
+    return dict(
+        shape=(
+            draw(st.integers(1, 3)),
+            draw(st.integers(1, 20)),
+            draw(st.integers(1, 20)),  # widths that are not a multiple of 8 leave a partial block
+            groups * draw(st.integers(1, 2)),
+            draw(st.sampled_from([8, 16, 24, 40, 3])),  # 40 runs with a runtime width, 3 the per-query kernels
+        ),
+        kernel_size=draw(st.sampled_from([1, 3, 5, 7])),
+        dilations=tuple(draw(st.integers(1, 4)) for _ in range(groups)),
+        border=draw(st.sampled_from(["zero", "clamp"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=block_problems())
+def test_float32_kernels_agree_with_the_float64_reference(problem):
+    assert_float32_close(*float32_problem(**problem))
+
+
+def test_this_build_runs_the_block_kernels_exactly_where_the_cpu_has_avx2_and_fma():
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    assert native.load_library().msda_has_blocks_f32() == int({"avx2", "fma"} <= flags)
+
+
+@pytest.mark.parametrize("border", ["zero", "clamp"])
+def test_fused_and_two_pass_backward_agree(border, monkeypatch):
+    # Whole images per thread (fused sweep with a ring of probabilities) when batch >= threads, else two passes
+    # split by rows. Both must give the same gradients as each other and as the reference.
+    shape = (2, 23, 19, 6, 24)
+    results = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        results[threads] = float32_problem(shape, 3, (1, 2, 3), border, seed=5)
+        assert_float32_close(*results[threads])
+    for a, b in zip(results[1][0][1], results[4][0][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_softmax_survives_huge_and_tiny_logits_in_float32():
+    # The block kernels' own exp/log: logits of +-1e4 must neither overflow nor lose the winning key.
+    q, k, v = (t.float() for t in random_qkv((1, 9, 17, 3, 8), requires_grad=False))
+    q, k = q * 100, k * 100
+    out = msda(q, k, v, scale=1.0, backend="native")
+    expected = msda(q.double(), k.double(), v.double(), scale=1.0, backend="reference")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_nan_propagates_through_the_block_kernels():
+    q, k, v = (t.float() for t in random_qkv((1, 6, 11, 3, 16), requires_grad=False))
+    q[0, 2, 5, 1, 3] = float("nan")
+    out = msda(q, k, v, backend="native")
+    assert out[0, 2, 5, 1].isnan().all()
+    assert not out[0, 2, 5, 0].isnan().any()
+
+
+def test_portable_build_matches_the_tuned_build(monkeypatch):
+    # The fallback flags (no -march=native) compile the per-query kernels only; they must agree with the reference.
+    portable = native.build_library((native.PORTABLE_FLAGS,))
+    assert portable.msda_has_blocks_f32() == 0
+    monkeypatch.setattr(native, "load_library", lambda: portable)
+    for border in ("zero", "clamp"):
+        assert_float32_close(*float32_problem((2, 9, 10, 3, 8), 3, (1, 2, 3), border, seed=3))
