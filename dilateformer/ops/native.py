@@ -112,7 +112,6 @@ _SIGNATURES = {
     "msda_backward_queries": 9,
     "msda_backward_keys_scatter": 6,
     "msda_backward_zero_keys": 6,
-    "msda_backward_zero_fused": 9,
 }
 
 
@@ -123,7 +122,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
             fn = getattr(lib, name + suffix)
             fn.argtypes = [ctypes.POINTER(_Problem), *[ctypes.c_void_p] * pointers, ctypes.c_int64, ctypes.c_int64]
             fn.restype = None
+    for suffix in _SUFFIX.values():
         getattr(lib, "msda_has_blocks" + suffix).restype = ctypes.c_int
+        fused = getattr(lib, "msda_backward_zero_fused" + suffix)
+        fused.argtypes = [ctypes.POINTER(_Problem), *[ctypes.c_void_p] * 9, *[ctypes.c_int64] * 3]
+        fused.restype = None
     return lib
 
 
@@ -234,25 +237,24 @@ def msda_native_backward(grad_out, q, k, v, out, lse, kernel_size, dilations, sc
     problem = ctypes.byref(tables.problem)
     batch, height, width, heads = q.shape[:4]
     suffix = _SUFFIX[dtype]
-    if border == "zero" and batch >= min(torch.get_num_threads(), batch * height):
-        # Whole images per thread: both passes in one sweep, with a small ring of probs instead of a full buffer.
+    if border == "zero":
+        # One sweep per (image, stripe) with a small ring of probabilities instead of two passes over full-size
+        # buffers; images are cut into stripes only when there are fewer images than threads.
+        workers = max(1, torch.get_num_threads())
+        stripes = max(1, min(height, -(-workers // max(batch, 1))))
         grads = [torch.empty(q.shape, dtype=dtype) for _ in range(3)]
         fused = getattr(lib, "msda_backward_zero_fused" + suffix)
-        _parallel(fused, (problem, *map(_ptr, (grad_out, q, k, v, out, lse, *grads))), batch)
+        args = (problem, *map(_ptr, (grad_out, q, k, v, out, lse, *grads)), ctypes.c_int64(stripes))
+        _parallel(fused, args, batch * stripes)
         return tuple(grads)
-    # Per query and window slot: probability and logit gradient, for the second (key) pass.
     probs = torch.empty(batch * height * width * heads * kernel_size**2, dtype=dtype)
     dlogits = torch.empty_like(probs)
     grad_q = torch.empty(q.shape, dtype=dtype)
     pass_one = getattr(lib, "msda_backward_queries" + suffix)
-    if border == "zero":
-        # Each key sits in each slot of at most one query: every key row gathers from the queries that reach it.
-        pass_two, total = getattr(lib, "msda_backward_zero_keys" + suffix), batch * height
-        grad_k, grad_v = torch.empty(q.shape, dtype=dtype), torch.empty(q.shape, dtype=dtype)
-    else:
-        # Several queries can share a key in one slot: scatter, one (batch, head) pair per task.
-        pass_two, total = getattr(lib, "msda_backward_keys_scatter" + suffix), batch * heads
-        grad_k, grad_v = torch.zeros(q.shape, dtype=dtype), torch.zeros(q.shape, dtype=dtype)
+    # Border "clamp": several queries can share a key in one slot, so the key pass scatters, one (batch, head) pair
+    # per task, from full-size buffers of probabilities and logit gradients.
+    pass_two, total = getattr(lib, "msda_backward_keys_scatter" + suffix), batch * heads
+    grad_k, grad_v = torch.zeros(q.shape, dtype=dtype), torch.zeros(q.shape, dtype=dtype)
     _parallel(pass_one, (problem, *map(_ptr, (grad_out, q, k, v, out, lse, grad_q, probs, dlogits))), batch * height)
     _parallel(pass_two, (problem, *map(_ptr, (grad_out, q, probs, dlogits, grad_k, grad_v))), total)
     return grad_q, grad_k, grad_v

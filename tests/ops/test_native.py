@@ -1,5 +1,5 @@
 """The native backend's float32 paths: 8-query block kernels (AVX2 builds, head_dim % 8 == 0), the per-query
-kernels, the fused one-sweep backward (whole images per thread) and the two-pass backward, and a portable build."""
+kernels, the one-sweep backward over (image, stripe) units, the two-pass clamp backward, and a portable build."""
 
 from __future__ import annotations
 
@@ -66,17 +66,18 @@ def test_this_build_runs_the_block_kernels_exactly_where_the_cpu_has_avx2_and_fm
 
 
 @pytest.mark.parametrize("border", ["zero", "clamp"])
-def test_fused_and_two_pass_backward_agree(border, monkeypatch):
-    # Whole images per thread (fused sweep with a ring of probabilities) when batch >= threads, else two passes
-    # split by rows. Both must give the same gradients as each other and as the reference.
+def test_backward_is_the_same_however_the_work_is_split(border, monkeypatch):
+    # Border "zero" sweeps (image, stripe) units: one stripe per image with 1 thread, 2 with 4 threads and 2 images,
+    # one row per stripe (thinner than the window's reach of 3) with 64. Border "clamp" splits rows and heads.
     shape = (2, 23, 19, 6, 24)
     results = {}
-    for threads in (1, 4):
+    for threads in (1, 4, 64):
         monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
         results[threads] = float32_problem(shape, 3, (1, 2, 3), border, seed=5)
         assert_float32_close(*results[threads])
-    for a, b in zip(results[1][0][1], results[4][0][1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for threads in (4, 64):
+        for a, b in zip(results[1][0][1], results[threads][0][1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_softmax_survives_huge_and_tiny_logits_in_float32():

@@ -250,7 +250,7 @@ ALWAYS_INLINE void blocks_backward_query_rows(const problem_t *p, const float *g
                         memcpy(probs + at, prob + s * BLOCK_LANES, count * sizeof(float));
                         memcpy(dlogits + at, dlogit + s * BLOCK_LANES, count * sizeof(float));
                     }
-                    block_weighted_sums(p, grad_q, row_pixels, k_at, r, x0, count, h, dlogit, window, hd);
+                    if (grad_q) block_weighted_sums(p, grad_q, row_pixels, k_at, r, x0, count, h, dlogit, window, hd);
                 }
             }
         }

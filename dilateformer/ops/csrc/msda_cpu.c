@@ -175,12 +175,13 @@ ALWAYS_INLINE void FN(backward_query_rows)(const problem_t *p, const SCALAR *gra
                             prob = exp(logit[s] - lse[item]);
                             dlogit = prob * (FN(dot)(dout, v + pixel[s] * p->v_stride + h * hd, hd) - delta) *
                                      (SCALAR)p->scale;
-                            FN(axpy)(dq, dlogit, k + pixel[s] * p->k_stride + h * hd, hd);
+                            if (grad_q) FN(axpy)(dq, dlogit, k + pixel[s] * p->k_stride + h * hd, hd);
                         }
                         row_probs[FN(slot_index)(p, h, s, x)] = prob;
                         row_dlogits[FN(slot_index)(p, h, s, x)] = dlogit;
                     }
-                    for (int64_t i = 0; i < hd; i++) grad_q[item * hd + i] = dq[i];
+                    if (grad_q)
+                        for (int64_t i = 0; i < hd; i++) grad_q[item * hd + i] = dq[i];
                 }
             }
         }
@@ -278,7 +279,7 @@ void FN(msda_forward)(const problem_t *p, const SCALAR *q, const SCALAR *k, cons
 #undef CALL
 }
 
-/* Backward, first pass, rows [row_begin, row_end): dq, probs and dlogits. */
+/* Backward, first pass, rows [row_begin, row_end): dq (skipped when grad_q is NULL), probs and dlogits. */
 void FN(msda_backward_queries)(const problem_t *p, const SCALAR *grad_out, const SCALAR *q, const SCALAR *k,
                                const SCALAR *v, const SCALAR *out, const SCALAR *lse, SCALAR *grad_q, SCALAR *probs,
                                SCALAR *dlogits, int64_t row_begin, int64_t row_end) {
@@ -302,27 +303,34 @@ void FN(msda_backward_zero_keys)(const problem_t *p, const SCALAR *grad_out, con
 #undef CALL
 }
 
-/* The whole backward for border "zero" in one sweep over the images [image_begin, image_end): the second pass
- * follows the first `reach` rows behind, once every query row whose windows reach a key row is done, so probs and
- * dlogits only need a ring of 2 * reach + 1 rows (cache-resident) instead of a full-size buffer. */
+/* The whole backward for border "zero" in one sweep per unit of work: the second pass follows the first `reach`
+ * rows behind, once every query row whose windows reach a key row is done, so probs and dlogits only need a ring of
+ * 2 * reach + 1 rows (cache-resident) instead of a full-size buffer. A unit is one of `stripes` horizontal stripes
+ * of one image; a stripe also sweeps the `reach` query rows beyond each of its edges (their probabilities, not
+ * their dq, which belongs to the neighbouring stripe), so no two units write the same row. */
 void FN(msda_backward_zero_fused)(const problem_t *whole, const SCALAR *grad_out, const SCALAR *q, const SCALAR *k,
                                   const SCALAR *v, const SCALAR *out, const SCALAR *lse, SCALAR *grad_q,
-                                  SCALAR *grad_k, SCALAR *grad_v, int64_t image_begin, int64_t image_end) {
+                                  SCALAR *grad_k, SCALAR *grad_v, int64_t stripes, int64_t unit_begin,
+                                  int64_t unit_end) {
     problem_t p = *whole;
     const int64_t reach = (p.kernel_size - 1) / 2 * FN(max_dilation)(&p), height = p.height;
     p.prob_rows = 2 * reach + 1;
     const size_t ring_bytes = sizeof(SCALAR) * p.prob_rows * p.heads * p.kernel_size * p.kernel_size * p.width;
     SCALAR *probs = malloc(ring_bytes), *dlogits = malloc(ring_bytes);
-    for (int64_t b = image_begin; b < image_end; b++) {
-        const int64_t first = b * height;
-        for (int64_t y = 0; y < height; y++) {
-            FN(msda_backward_queries)(&p, grad_out, q, k, v, out, lse, grad_q, probs, dlogits, first + y, first + y + 1);
-            if (y >= reach)
+    for (int64_t unit = unit_begin; unit < unit_end; unit++) {
+        const int64_t b = unit / stripes, stripe = unit % stripes, first = b * height;
+        const int64_t lo = height * stripe / stripes, hi = height * (stripe + 1) / stripes;
+        const int64_t query_lo = lo > reach ? lo - reach : 0, query_hi = hi + reach < height ? hi + reach : height;
+        for (int64_t y = query_lo; y < query_hi; y++) {
+            SCALAR *own_grad_q = y >= lo && y < hi ? grad_q : NULL;
+            FN(msda_backward_queries)(&p, grad_out, q, k, v, out, lse, own_grad_q, probs, dlogits, first + y,
+                                      first + y + 1);
+            if (y - reach >= lo && y - reach < hi)
                 FN(msda_backward_zero_keys)(&p, grad_out, q, probs, dlogits, grad_k, grad_v, first + y - reach,
                                             first + y - reach + 1);
         }
-        const int64_t done = height > reach ? height - reach : 0;
-        FN(msda_backward_zero_keys)(&p, grad_out, q, probs, dlogits, grad_k, grad_v, first + done, first + height);
+        const int64_t done = query_hi - reach > lo ? query_hi - reach : lo;
+        FN(msda_backward_zero_keys)(&p, grad_out, q, probs, dlogits, grad_k, grad_v, first + done, first + hi);
     }
     free(probs), free(dlogits);
 }
