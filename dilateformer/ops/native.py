@@ -111,7 +111,6 @@ _SIGNATURES = {
     "msda_forward": 5,
     "msda_backward_queries": 9,
     "msda_backward_keys_scatter": 6,
-    "msda_backward_zero_keys": 6,
 }
 
 

@@ -159,6 +159,16 @@ ALWAYS_INLINE void block_weighted_sums(const problem_t *p, float *dst, int64_t d
     }
 }
 
+/* Asks for the block's q one image row later and its k and v `ahead` rows beyond that: the rows the sweep will
+ * first read on the next row. */
+ALWAYS_INLINE void block_prefetch(const problem_t *p, const float *q, const float *k, const float *v, int64_t r,
+                                  int64_t x0, int64_t count, int64_t ahead) {
+    const int64_t next = (r + 1) * p->width + x0, limit = p->batch * p->height * p->width;
+    FN(prefetch_pixels)(q, p->q_stride, next, count, limit);
+    FN(prefetch_pixels)(k, p->k_stride, next + ahead * p->width, count, limit);
+    FN(prefetch_pixels)(v, p->v_stride, next + ahead * p->width, count, limit);
+}
+
 ALWAYS_INLINE void blocks_forward_rows(const problem_t *p, const float *q, const float *k, const float *v, float *out,
                                        float *lse, int64_t row_begin, int64_t row_end, const int64_t window,
                                        const int64_t hd) {
@@ -173,10 +183,7 @@ ALWAYS_INLINE void blocks_forward_rows(const problem_t *p, const float *q, const
         const int64_t b = r / p->height, y = r % p->height;
         for (int64_t x0 = 0; x0 < p->width; x0 += BLOCK_LANES) {
             const int64_t count = p->width - x0 < BLOCK_LANES ? p->width - x0 : BLOCK_LANES;
-            const int64_t next = (r + 1) * p->width + x0, limit = p->batch * p->height * p->width;
-            FN(prefetch_pixels)(q, p->q_stride, next, count, limit);
-            FN(prefetch_pixels)(k, p->k_stride, next + ahead * p->width, count, limit);
-            FN(prefetch_pixels)(v, p->v_stride, next + ahead * p->width, count, limit);
+            block_prefetch(p, q, k, v, r, x0, count, ahead);
             for (int64_t g = 0; g < p->groups; g++) {
                 block_window(p, b, y, x0, count, g, k, p->k_stride, k_at, v, p->v_stride, v_at, zeros, bias);
                 for (int64_t h = g * per_group; h < (g + 1) * per_group; h++) {
@@ -221,11 +228,8 @@ ALWAYS_INLINE void blocks_backward_query_rows(const problem_t *p, const float *g
         const int64_t b = r / p->height, y = r % p->height, row_probs = FN(prob_row)(p, r);
         for (int64_t x0 = 0; x0 < p->width; x0 += BLOCK_LANES) {
             const int64_t count = p->width - x0 < BLOCK_LANES ? p->width - x0 : BLOCK_LANES;
-            const int64_t next = (r + 1) * p->width + x0, limit = p->batch * p->height * p->width;
-            FN(prefetch_pixels)(q, p->q_stride, next, count, limit);
-            FN(prefetch_pixels)(grad_out, row_pixels, next, count, limit);
-            FN(prefetch_pixels)(k, p->k_stride, next + ahead * p->width, count, limit);
-            FN(prefetch_pixels)(v, p->v_stride, next + ahead * p->width, count, limit);
+            block_prefetch(p, q, k, v, r, x0, count, ahead);
+            FN(prefetch_pixels)(grad_out, row_pixels, (r + 1) * p->width + x0, count, p->batch * p->height * p->width);
             for (int64_t g = 0; g < p->groups; g++) {
                 block_window(p, b, y, x0, count, g, k, p->k_stride, k_at, v, p->v_stride, v_at, zeros, bias);
                 for (int64_t h = g * per_group; h < (g + 1) * per_group; h++) {

@@ -196,7 +196,7 @@ ALWAYS_INLINE void FN(backward_zero_key_rows)(const problem_t *p, const SCALAR *
                                               SCALAR *grad_v, int64_t row_begin, int64_t row_end, const int64_t hd) {
     const int64_t ks = p->kernel_size, radius = (ks - 1) / 2, width = p->width, height = p->height;
     const int64_t per_group = p->heads / p->groups, row_pixels = p->heads * hd;
-    const int64_t ahead = radius * FN(max_dilation)(p), window = ks * ks, limit = p->batch * height * width;
+    const int64_t ahead = radius * FN(max_dilation)(p), limit = p->batch * height * width;
     int64_t query_row[p->groups * ks], query_probs[p->groups * ks];
     for (int64_t r = row_begin; r < row_end; r++) {
         const int64_t b = r / height, y = r % height;
@@ -214,13 +214,6 @@ ALWAYS_INLINE void FN(backward_zero_key_rows)(const problem_t *p, const SCALAR *
                 const int64_t next = (r + 1 + ahead) * width + x, count = width - x < 8 ? width - x : 8;
                 FN(prefetch_pixels)(q, p->q_stride, next, count, limit);
                 FN(prefetch_pixels)(grad_out, row_pixels, next, count, limit);
-                if (r + 1 + ahead < p->batch * height && p->prob_rows == p->batch * height) {
-                    const int64_t at = FN(prob_row)(p, r + 1 + ahead);
-                    for (int64_t slot = 0; slot < p->heads * window; slot++) {
-                        __builtin_prefetch(probs + at + slot * width + x, 0, 2);
-                        __builtin_prefetch(dlogits + at + slot * width + x, 0, 2);
-                    }
-                }
             }
             for (int64_t h = 0; h < p->heads; h++) {
                 const int64_t g = h / per_group, dilation = p->dilations[g];
