@@ -6,6 +6,11 @@ One function runs it and returns plain rows (:func:`run_model_benchmark`); anoth
 Every row says which MSDA backend ran. ``"auto"`` resolves to ``"compiled"`` (torch.compile-fused MSDA
 kernels) wherever a compiler is available; the rest of the model still runs op by op unless the row's
 ``mode`` is ``"compiled"``, which wraps the whole model in ``torch.compile``.
+
+The ``official-style`` row is :class:`~dilateformer.analysis.baselines.OfficialStyleDilateFormer` with the same
+weights: the official architecture run the way its code runs it (unfold MSDA, NCHW activations, explicit global
+attention), made trainable. :func:`format_model_benchmark` prints every row's speed as a ratio to it, which is
+what survives the noise of a shared machine.
 """
 
 from __future__ import annotations
@@ -18,14 +23,16 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from dilateformer.analysis.baselines import official_style_twin
 from dilateformer.analysis.measure import format_table, median_ms, saved_for_backward_bytes
 from dilateformer.functional import use_backend
 from dilateformer.models import create_dilateformer
 from dilateformer.ops.context import select_backend
 
-__all__ = ["run_model_benchmark", "format_model_benchmark", "MODEL_BENCH_COLUMNS", "GLOBAL_TWIN"]
+__all__ = ["run_model_benchmark", "format_model_benchmark", "MODEL_BENCH_COLUMNS", "GLOBAL_TWIN", "OFFICIAL_STYLE"]
 
 GLOBAL_TWIN = "global"
+OFFICIAL_STYLE = "official-style"
 MODEL_BENCH_COLUMNS = (
     ("model", "model"),
     ("attention", "attention"),
@@ -37,6 +44,13 @@ MODEL_BENCH_COLUMNS = (
     ("train_img_s", "train (img/s)"),
     ("saved_mb", "saved for bwd (MB)"),
 )
+
+
+_ATTENTION_LABELS = {
+    "msda": "MSDA stages 1-2",
+    GLOBAL_TWIN: "global everywhere",
+    OFFICIAL_STYLE: "official-style (unfold MSDA)",
+}
 
 
 def _gmacs(name: str, attention: str, img_size: int) -> float:
@@ -57,6 +71,7 @@ def run_model_benchmark(
     batch_size: int = 8,
     img_size: int = 224,
     include_twin: bool = True,
+    include_official: bool = True,
     msda_backends: Sequence[str] = ("auto",),
     compiled: bool = True,
     train: bool = True,
@@ -73,6 +88,7 @@ def run_model_benchmark(
         img_size: square input size.
         include_twin: add each model's global-attention twin (``attn_types=("global",) * 4``), which has the
             same parameter count.
+        include_official: add the official-style baseline with the same weights (see the module docstring).
         msda_backends: MSDA backends to run the MSDA models under (``"auto"``, ``"eager"``, ``"compiled"``,
             ``"reference"``); the twin has no MSDA and is measured once.
         compiled: also measure inference with the whole model under ``torch.compile`` (slow to compile on CPU).
@@ -95,9 +111,11 @@ def run_model_benchmark(
     try:
         rows = []
         for name in models:
-            configs = [("msda", b) for b in msda_backends]
+            configs: list[tuple[str, str | None]] = [("msda", b) for b in msda_backends]
             if include_twin:
                 configs.append((GLOBAL_TWIN, None))
+            if include_official:
+                configs.append((OFFICIAL_STYLE, None))
             for attention, backend in configs:
                 say(f"{name} [{attention}{'' if backend is None else ', MSDA ' + backend}] ...")
                 rows.append(
@@ -112,7 +130,8 @@ def _build(name: str, attention: str, device: str | None = None) -> nn.Module:
     kwargs: dict[str, Any] = {"drop_path_rate": 0.1, "device": device}
     if attention == GLOBAL_TWIN:
         kwargs["attn_types"] = GLOBAL_TWIN
-    return create_dilateformer(name, **kwargs)
+    model = create_dilateformer(name, **kwargs)
+    return official_style_twin(model) if attention == OFFICIAL_STYLE else model
 
 
 def _measure(
@@ -131,12 +150,12 @@ def _measure(
     model = _build(name, attention)
     in_chans = model.in_chans
     params = sum(p.numel() for p in model.parameters())
-    gmacs = _gmacs(name, attention, img_size)
+    gmacs = _gmacs(name, "msda" if attention == OFFICIAL_STYLE else attention, img_size)
     x = torch.randn(batch_size, in_chans, img_size, img_size)
     resolved = "-" if backend is None else select_backend(backend, x.device, x.dtype)
     row: dict[str, Any] = {
         "model": name,
-        "attention": "MSDA stages 1-2" if attention == "msda" else "global everywhere",
+        "attention": _ATTENTION_LABELS[attention],
         "msda_backend": resolved,
         "params_m": params / 1e6,
         "gmacs": gmacs,
@@ -192,4 +211,23 @@ def format_model_benchmark(rows: Sequence[dict[str, Any]]) -> str:
         [title for _, title in MODEL_BENCH_COLUMNS],
         [["-" if row.get(key) is None else row[key] for key, _ in MODEL_BENCH_COLUMNS] for row in rows],
     )
-    return f"{header}\n{table}"
+    baseline = next((row for row in rows if row["attention"] == _ATTENTION_LABELS[OFFICIAL_STYLE]), None)
+    if baseline is None:
+        return f"{header}\n{table}"
+    speed_keys = [key for key, _ in MODEL_BENCH_COLUMNS if key.endswith("img_s")] + ["saved_mb"]
+    titles = dict(MODEL_BENCH_COLUMNS)
+
+    def ratio(row: dict[str, Any], key: str) -> float | str:
+        if row.get(key) is None or not baseline.get(key):
+            return "-"
+        return row[key] / baseline[key]
+
+    ratios = format_table(
+        ["model", "attention", "MSDA backend", *(titles[key] for key in speed_keys)],
+        [
+            [row["model"], row["attention"], row["msda_backend"], *(ratio(row, key) for key in speed_keys)]
+            for row in rows
+        ],
+    )
+    caption = "relative to the official-style model (speed: higher is faster; memory: lower is less)"
+    return f"{header}\n{table}\n\n{caption}\n{ratios}"

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from dilateformer.analysis.baselines import heads_last_to_channels_first, sdpa_global, unfold_msda
 from dilateformer.analysis.measure import format_table, median_ms, saved_for_backward_bytes
 from dilateformer.functional import multi_scale_dilated_attention
 
@@ -50,48 +50,6 @@ STANDARD_SHAPES = (
     OpShape("stage2 B8 28x28 6x24", 8, 28, 28, 6),
     OpShape("highres B2 128x128 3x24", 2, 128, 128, 3),
 )
-
-
-def unfold_msda(q, k, v, heads: int, kernel_size: int, dilations: tuple[int, ...], scale: float) -> torch.Tensor:
-    """Official-style MSDA (zero border): per group, unfold K and V into k*k copies, then two small matmuls.
-
-    Takes q, k, v channels-first, ``(B, heads * head_dim, H, W)``, as the official qkv conv produces them, and
-    returns ``(B, H, W, heads * head_dim)`` like the official layer.
-    """
-    batch, channels, height, width = q.shape
-    head_dim = channels // heads
-    per_group = heads // len(dilations)
-    group_channels = per_group * head_dim
-    outputs = []
-    for i, dilation in enumerate(dilations):
-        group = slice(i * group_channels, (i + 1) * group_channels)
-
-        def unfold(x, dilation=dilation, group=group):
-            cols = F.unfold(x[:, group], kernel_size, dilation=dilation, padding=dilation * (kernel_size - 1) // 2)
-            return cols.view(batch, per_group, head_dim, kernel_size**2, height * width).permute(0, 1, 4, 2, 3)
-
-        keys, values = unfold(k), unfold(v)  # (B, h, N, d, k*k)
-        queries = q[:, group].reshape(batch, per_group, head_dim, 1, height * width).permute(0, 1, 4, 3, 2)
-        attn = (queries @ keys * scale).softmax(-1)  # (B, h, N, 1, k*k)
-        out = attn @ values.transpose(-1, -2)  # (B, h, N, 1, d)
-        outputs.append(out.squeeze(-2).transpose(1, 2).reshape(batch, height, width, group_channels))
-    return torch.cat(outputs, dim=-1)
-
-
-def heads_last_to_channels_first(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, heads, head_dim) -> (B, heads * head_dim, H, W), contiguous."""
-    batch, height, width, heads, head_dim = x.shape
-    return x.reshape(batch, height, width, heads * head_dim).permute(0, 3, 1, 2).contiguous()
-
-
-def sdpa_global(q, k, v, scale: float) -> torch.Tensor:
-    batch, height, width, heads, head_dim = q.shape
-
-    def tokens(x):
-        return x.reshape(batch, height * width, heads, head_dim).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(tokens(q), tokens(k), tokens(v), scale=scale)
-    return out.transpose(1, 2).reshape(q.shape)
 
 
 def copy_bandwidth_bytes_per_ms(nbytes: int = 64 * 2**20) -> float:

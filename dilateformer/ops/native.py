@@ -4,7 +4,11 @@ The C file needs no PyTorch headers. Building it (specialised for common head wi
 about 12 s with gcc on 2 cores, once per machine: the shared library is cached under ``$DILATEFORMER_CACHE_DIR``
 (default ``~/.cache/dilateformer``), keyed by a hash of the source and flags, and written atomically so concurrent
 processes never load a half-written file.
-Calls go through ctypes, which releases the GIL, and are split over ``torch.get_num_threads()`` Python threads.
+Calls go through ctypes, which releases the GIL, and are split over ``torch.get_num_threads()`` threads. Where
+PyTorch's intra-op threads are GNU OpenMP (the Linux wheels), the library is built with ``-fopenmp`` and splits the
+work over an OpenMP team itself: it then resolves to the libgomp that PyTorch already loaded and reuses its warm
+threads. Python threads would instead compete with OpenMP workers that spin for a while after every parallel ATen
+op, which made the kernels 1.5-2x slower inside a model than alone. Elsewhere a Python thread pool splits the work.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ _UNIT = (
 # Tuned for this CPU (AVX2 + FMA enable the 8-query block kernels), then a portable fallback.
 NATIVE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-std=c11", "-fPIC", "-shared")
 PORTABLE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared")
-_FLAG_SETS = (NATIVE_FLAGS, PORTABLE_FLAGS)
+OPENMP_FLAGS = (*NATIVE_FLAGS, "-fopenmp")
 _SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
 
 
@@ -73,10 +77,21 @@ def _cache_dir() -> Path:
 _build_lock = threading.Lock()
 
 
+def _torch_uses_libgomp() -> bool:
+    """Whether PyTorch's intra-op threads come from a GNU OpenMP (libgomp) that is already loaded."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
 @functools.cache
 def load_library() -> ctypes.CDLL:
     """Build (once per machine) and load the kernel library. Raises RuntimeError if no C compiler works."""
-    return build_library(_FLAG_SETS)
+    shared_threads = (OPENMP_FLAGS,) if _torch_uses_libgomp() else ()
+    return build_library((*shared_threads, NATIVE_FLAGS, PORTABLE_FLAGS))
 
 
 def build_library(flag_sets: tuple[tuple[str, ...], ...]) -> ctypes.CDLL:
@@ -122,10 +137,14 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
             fn.argtypes = [ctypes.POINTER(_Problem), *[ctypes.c_void_p] * pointers, ctypes.c_int64, ctypes.c_int64]
             fn.restype = None
     for suffix in _SUFFIX.values():
-        getattr(lib, "msda_has_blocks" + suffix).restype = ctypes.c_int
-        fused = getattr(lib, "msda_backward_zero_fused" + suffix)
-        fused.argtypes = [ctypes.POINTER(_Problem), *[ctypes.c_void_p] * 9, *[ctypes.c_int64] * 3]
-        fused.restype = None
+        for flag in ("msda_has_blocks", "msda_has_openmp"):
+            getattr(lib, flag + suffix).restype = ctypes.c_int
+        for name, pointers, ints in (*((name, pointers, 2) for name, pointers in _SIGNATURES.items()),
+                                     ("msda_backward_zero_fused", 9, 3)):  # fmt: skip
+            for variant in ("", "_parallel"):
+                fn = getattr(lib, name + variant + suffix)
+                fn.argtypes = [ctypes.POINTER(_Problem), *[ctypes.c_void_p] * pointers, *[ctypes.c_int64] * ints]
+                fn.restype = None
     return lib
 
 
@@ -161,9 +180,15 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
-def _parallel(fn, args: tuple, total: int) -> None:
-    """Run fn(*args, begin, end) over [0, total) split across torch's intra-op thread count."""
+def _parallel(lib: ctypes.CDLL, name: str, dtype: torch.dtype, args: tuple, total: int) -> None:
+    """Run the entry point ``name(*args, begin, end)`` for ``dtype`` over [0, total), split across torch's intra-op
+    thread count: by the library's OpenMP team where it has one, else by a Python thread pool."""
     workers = max(1, min(torch.get_num_threads(), total))
+    suffix = _SUFFIX[dtype]
+    if workers > 1 and getattr(lib, "msda_has_openmp" + suffix)():
+        getattr(lib, name + "_parallel" + suffix)(*args, total, workers)
+        return
+    fn = getattr(lib, name + suffix)
     if workers == 1:
         fn(*args, 0, total)
         return
@@ -222,9 +247,8 @@ def msda_native_forward(q, k, v, kernel_size, dilations, scale, border):
     tables = _Tables(q, (qs, ks, vs), kernel_size, list(dilations), scale, border)
     out = torch.empty(q.shape, dtype=dtype)
     lse = torch.empty(q.shape[:-1], dtype=dtype)
-    fn = getattr(lib, "msda_forward" + _SUFFIX[dtype])
-    rows = q.shape[0] * q.shape[1]
-    _parallel(fn, (ctypes.byref(tables.problem), _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse)), rows)
+    args = (ctypes.byref(tables.problem), _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse))
+    _parallel(lib, "msda_forward", dtype, args, q.shape[0] * q.shape[1])
     return out, lse
 
 
@@ -235,27 +259,25 @@ def msda_native_backward(grad_out, q, k, v, out, lse, kernel_size, dilations, sc
     tables = _Tables(q, (qs, ks, vs), kernel_size, list(dilations), scale, border)
     problem = ctypes.byref(tables.problem)
     batch, height, width, heads = q.shape[:4]
-    suffix = _SUFFIX[dtype]
     if border == "zero":
         # One sweep per (image, stripe) with a small ring of probabilities instead of two passes over full-size
         # buffers; images are cut into stripes only when there are fewer images than threads.
         workers = max(1, torch.get_num_threads())
         stripes = max(1, min(height, -(-workers // max(batch, 1))))
         grads = [torch.empty(q.shape, dtype=dtype) for _ in range(3)]
-        fused = getattr(lib, "msda_backward_zero_fused" + suffix)
         args = (problem, *map(_ptr, (grad_out, q, k, v, out, lse, *grads)), ctypes.c_int64(stripes))
-        _parallel(fused, args, batch * stripes)
+        _parallel(lib, "msda_backward_zero_fused", dtype, args, batch * stripes)
         return tuple(grads)
     probs = torch.empty(batch * height * width * heads * kernel_size**2, dtype=dtype)
     dlogits = torch.empty_like(probs)
     grad_q = torch.empty(q.shape, dtype=dtype)
-    pass_one = getattr(lib, "msda_backward_queries" + suffix)
     # Border "clamp": several queries can share a key in one slot, so the key pass scatters, one (batch, head) pair
     # per task, from full-size buffers of probabilities and logit gradients.
-    pass_two, total = getattr(lib, "msda_backward_keys_scatter" + suffix), batch * heads
     grad_k, grad_v = torch.zeros(q.shape, dtype=dtype), torch.zeros(q.shape, dtype=dtype)
-    _parallel(pass_one, (problem, *map(_ptr, (grad_out, q, k, v, out, lse, grad_q, probs, dlogits))), batch * height)
-    _parallel(pass_two, (problem, *map(_ptr, (grad_out, q, probs, dlogits, grad_k, grad_v))), total)
+    query_args = (problem, *map(_ptr, (grad_out, q, k, v, out, lse, grad_q, probs, dlogits)))
+    _parallel(lib, "msda_backward_queries", dtype, query_args, batch * height)
+    key_args = (problem, *map(_ptr, (grad_out, q, probs, dlogits, grad_k, grad_v)))
+    _parallel(lib, "msda_backward_keys_scatter", dtype, key_args, batch * heads)
     return grad_q, grad_k, grad_v
 
 

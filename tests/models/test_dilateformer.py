@@ -216,3 +216,31 @@ def test_block_mlp_saves_less_and_matches_the_plain_gradients():
     assert fused_bytes < plain_bytes
     # Dropout inside the MLP needs the plain path.
     assert BlockMlp(24, 96, drop=0.1)._fused_gelu() is None
+
+
+def test_block_mlp_inference_runs_one_onednn_kernel_with_the_plain_result():
+    from torch.profiler import profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dilateformer.models.dilateformer import BlockMlp
+
+    torch.manual_seed(0)
+    mlp = BlockMlp(24, 96).eval()
+    x = torch.randn(2, 5, 7, 24)
+    with torch.no_grad():
+        expected = super(BlockMlp, mlp).forward(x)
+        with profile() as prof:
+            got = mlp(x)
+    names = {event.name for event in prof.events()}
+    assert ("mkldnn::_linear_pointwise" in names) == torch.backends.mkldnn.is_available()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    # Anything that must see aten ops (FLOP counting, autograd, float64) gets the plain path.
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        mlp(x)
+    assert counter.get_total_flops() == 2 * 2 * (70 * 24 * 96)
+    with profile() as prof:
+        mlp(x).sum().backward()
+    assert "mkldnn::_linear_pointwise" not in {event.name for event in prof.events()}
+    assert mlp.fc1.weight.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(mlp.double()(x.double()), super(BlockMlp, mlp).forward(x.double()))

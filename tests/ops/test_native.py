@@ -65,6 +65,17 @@ def test_this_build_runs_the_block_kernels_exactly_where_the_cpu_has_avx2_and_fm
     assert native.load_library().msda_has_blocks_f32() == int({"avx2", "fma"} <= flags)
 
 
+def test_openmp_builds_share_pytorchs_libgomp():
+    # Splitting work over OpenMP only helps if the kernels join PyTorch's own thread team: one libgomp in the
+    # process, and the OpenMP build chosen exactly where PyTorch's threads are libgomp's.
+    lib = native.load_library()
+    assert lib.msda_has_openmp_f32() == int(native._torch_uses_libgomp())
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        libgomps = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+        assert len(libgomps) <= 1, libgomps
+
+
 @pytest.mark.parametrize("border", ["zero", "clamp"])
 def test_backward_is_the_same_however_the_work_is_split(border, monkeypatch):
     # Border "zero" sweeps (image, stripe) units: one stripe per image with 1 thread, 2 with 4 threads and 2 images,

@@ -8,8 +8,10 @@
  * The float32 pass also defines WITH_BLOCKS: where the compiler targets AVX2 + FMA and head_dim is a multiple of 8,
  * the query-side kernels then run on blocks of 8 neighbouring queries (msda_blocks.h); everything else runs the
  * per-query kernels below.
- * Work is split into ranges of image rows (or of (batch, head) pairs) so Python threads can run the ranges in
- * parallel: ctypes releases the GIL for the duration of each call.
+ * Work is split into ranges of image rows (or of (batch, head) pairs). Built with -fopenmp, the *_parallel entry
+ * points split a whole range over an OpenMP team: the library then shares PyTorch's libgomp and so its warm thread
+ * team, instead of competing with it (idle OpenMP workers spin for a while after every parallel ATen op). Without
+ * OpenMP, Python threads run the ranges: ctypes releases the GIL for the duration of each call.
  *
  * Layout: q, k, v are (B, H, W, heads, head_dim) with heads and head_dim dense and a uniform stride between
  * pixels (q_stride etc.), which covers both contiguous tensors and the q/k/v views of a fused qkv projection.
@@ -24,6 +26,30 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef SPLIT_RANGE
+/* Runs CALL (which uses `begin` and `end`) on an even share of [0, total) in each of `threads` OpenMP threads; the
+ * enclosing function names its thread count `threads`. */
+#ifdef _OPENMP
+#define SPLIT_RANGE(total, CALL)                                                                                    \
+    _Pragma("omp parallel num_threads(threads)") {                                                                  \
+        const int64_t team_ = omp_get_num_threads(), member_ = omp_get_thread_num();                                \
+        const int64_t begin = (total) * member_ / team_, end = (total) * (member_ + 1) / team_;                     \
+        if (begin < end) CALL;                                                                                      \
+    }
+#else
+#define SPLIT_RANGE(total, CALL)                                                                                    \
+    do {                                                                                                            \
+        const int64_t begin = 0, end = (total);                                                                     \
+        (void)threads;                                                                                              \
+        if (begin < end) CALL;                                                                                      \
+    } while (0)
+#endif
+#endif
 
 #define CAT2(a, b) a##b
 #define CAT(a, b) CAT2(a, b)
@@ -354,6 +380,42 @@ void FN(msda_backward_keys_scatter)(const problem_t *p, const SCALAR *grad_out, 
             }
         }
     }
+}
+
+/* The entry points above over a whole range [0, total), split across `threads` OpenMP threads. */
+void FN(msda_forward_parallel)(const problem_t *p, const SCALAR *q, const SCALAR *k, const SCALAR *v, SCALAR *out,
+                               SCALAR *lse, int64_t total, int64_t threads) {
+    SPLIT_RANGE(total, FN(msda_forward)(p, q, k, v, out, lse, begin, end));
+}
+
+void FN(msda_backward_queries_parallel)(const problem_t *p, const SCALAR *grad_out, const SCALAR *q,
+                                        const SCALAR *k, const SCALAR *v, const SCALAR *out, const SCALAR *lse,
+                                        SCALAR *grad_q, SCALAR *probs, SCALAR *dlogits, int64_t total,
+                                        int64_t threads) {
+    SPLIT_RANGE(total, FN(msda_backward_queries)(p, grad_out, q, k, v, out, lse, grad_q, probs, dlogits, begin, end));
+}
+
+void FN(msda_backward_zero_fused_parallel)(const problem_t *p, const SCALAR *grad_out, const SCALAR *q,
+                                           const SCALAR *k, const SCALAR *v, const SCALAR *out, const SCALAR *lse,
+                                           SCALAR *grad_q, SCALAR *grad_k, SCALAR *grad_v, int64_t stripes,
+                                           int64_t total, int64_t threads) {
+    SPLIT_RANGE(total, FN(msda_backward_zero_fused)(p, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, stripes,
+                                                    begin, end));
+}
+
+void FN(msda_backward_keys_scatter_parallel)(const problem_t *p, const SCALAR *grad_out, const SCALAR *q,
+                                             const SCALAR *probs, const SCALAR *dlogits, SCALAR *grad_k,
+                                             SCALAR *grad_v, int64_t total, int64_t threads) {
+    SPLIT_RANGE(total, FN(msda_backward_keys_scatter)(p, grad_out, q, probs, dlogits, grad_k, grad_v, begin, end));
+}
+
+/* Whether this build splits work over OpenMP threads itself (the *_parallel entry points). */
+int FN(msda_has_openmp)(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* Whether the float32 query kernels run on 8-query blocks (AVX2 + FMA) in this build. */
