@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,6 +26,24 @@ def median_ms(fn: Callable[[], object], repeats: int = 10, warmup: int = 2, devi
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_median_ms(fns: Sequence[Callable[[], object]], repeats: int = 10, warmup: int = 2) -> list[float]:
+    """Median wall time of each ``fn()`` in milliseconds, timed in rounds that call every fn once in turn.
+
+    On a shared machine whose speed drifts, interleaving slows every candidate alike, so ratios between them hold
+    where back-to-back runs of one candidate after another would not.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, own in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            own.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(own) for own in times]
 
 
 def saved_for_backward_bytes(fn: Callable[[], torch.Tensor]) -> int:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dilateformer.analysis.baselines import official_style_twin
-from dilateformer.analysis.measure import format_table, median_ms, saved_for_backward_bytes
+from dilateformer.analysis.measure import format_table, interleaved_median_ms, saved_for_backward_bytes
 from dilateformer.functional import use_backend
 from dilateformer.models import create_dilateformer
 from dilateformer.ops.context import select_backend
@@ -60,10 +60,6 @@ def _gmacs(name: str, attention: str, img_size: int) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(meta)
     return counter.get_total_flops() / 2 / 1e9
-
-
-def _throughput(step: Callable[[], object], batch_size: int, repeats: int, warmup: int) -> float:
-    return batch_size / (median_ms(step, repeats=repeats, warmup=warmup) / 1e3)
 
 
 def run_model_benchmark(
@@ -116,11 +112,9 @@ def run_model_benchmark(
                 configs.append((GLOBAL_TWIN, None))
             if include_official:
                 configs.append((OFFICIAL_STYLE, None))
-            for attention, backend in configs:
-                say(f"{name} [{attention}{'' if backend is None else ', MSDA ' + backend}] ...")
-                rows.append(
-                    _measure(name, attention, backend, batch_size, img_size, compiled, train, repeats, warmup, say)
-                )
+            subjects = [_Subject(name, attention, backend, batch_size, img_size) for attention, backend in configs]
+            _measure_interleaved(subjects, compiled, train, repeats, warmup, say)
+            rows += [subject.row for subject in subjects]
         return rows
     finally:
         torch.set_num_threads(previous_threads)
@@ -134,68 +128,97 @@ def _build(name: str, attention: str, device: str | None = None) -> nn.Module:
     return official_style_twin(model) if attention == OFFICIAL_STYLE else model
 
 
-def _measure(
-    name: str,
-    attention: str,
-    backend: str | None,
-    batch_size: int,
-    img_size: int,
+class _Subject:
+    """One row of the table: a model, its input and MSDA backend, and the steps that are timed."""
+
+    def __init__(self, name: str, attention: str, backend: str | None, batch_size: int, img_size: int) -> None:
+        torch.manual_seed(0)
+        self.model = _build(name, attention)
+        self.backend = backend or "auto"
+        self.x = torch.randn(batch_size, self.model.in_chans, img_size, img_size)
+        self.label = f"{name} [{_ATTENTION_LABELS[attention]}{'' if backend is None else ', MSDA ' + backend}]"
+        self.row: dict[str, Any] = {
+            "model": name,
+            "attention": _ATTENTION_LABELS[attention],
+            "msda_backend": "-" if backend is None else select_backend(backend, self.x.device, self.x.dtype),
+            "params_m": sum(p.numel() for p in self.model.parameters()) / 1e6,
+            "gmacs": _gmacs(name, "msda" if attention == OFFICIAL_STYLE else attention, img_size),
+            "infer_eager_img_s": None,
+            "infer_compiled_img_s": None,
+            "train_img_s": None,
+            "saved_mb": None,
+            "batch_size": batch_size,
+            "img_size": img_size,
+            "threads": torch.get_num_threads(),
+        }
+        self.compiled_model: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.target = torch.randint(0, self.model.num_classes, (batch_size,))
+
+    def infer_eager(self) -> None:
+        with use_backend(self.backend), torch.inference_mode():
+            self.model(self.x)
+
+    def compile(self) -> float:
+        self.model.eval()
+        self.compiled_model = torch.compile(self.model, fullgraph=True)
+        start = time.perf_counter()
+        self.infer_compiled()
+        return time.perf_counter() - start
+
+    def infer_compiled(self) -> None:
+        assert self.compiled_model is not None
+        with use_backend(self.backend), torch.no_grad():
+            self.compiled_model(self.x)
+
+    def train_step(self) -> None:
+        if self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        with use_backend(self.backend):
+            self.optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(self.model(self.x), self.target).backward()
+            self.optimizer.step()
+
+    def saved_mb(self) -> float:
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        with use_backend(self.backend):
+            return saved_for_backward_bytes(lambda: self.model(self.x)) / 1e6
+
+
+def _measure_interleaved(
+    subjects: list[_Subject],
     compiled: bool,
     train: bool,
     repeats: int,
     warmup: int,
     say: Callable[[str], None],
-) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = _build(name, attention)
-    in_chans = model.in_chans
-    params = sum(p.numel() for p in model.parameters())
-    gmacs = _gmacs(name, "msda" if attention == OFFICIAL_STYLE else attention, img_size)
-    x = torch.randn(batch_size, in_chans, img_size, img_size)
-    resolved = "-" if backend is None else select_backend(backend, x.device, x.dtype)
-    row: dict[str, Any] = {
-        "model": name,
-        "attention": _ATTENTION_LABELS[attention],
-        "msda_backend": resolved,
-        "params_m": params / 1e6,
-        "gmacs": gmacs,
-        "infer_eager_img_s": None,
-        "infer_compiled_img_s": None,
-        "train_img_s": None,
-        "saved_mb": None,
-        "batch_size": batch_size,
-        "img_size": img_size,
-        "threads": torch.get_num_threads(),
-    }
-    with use_backend(backend or "auto"):
-        model.eval()
-        with torch.inference_mode():
-            row["infer_eager_img_s"] = _throughput(lambda: model(x), batch_size, repeats, warmup)
-        say(f"  inference eager: {row['infer_eager_img_s']:.1f} img/s")
-        if compiled:
-            compiled_model = torch.compile(model, fullgraph=True)
-            start = time.perf_counter()
-            with torch.no_grad():
-                compiled_model(x)
-            say(f"  compiled in {time.perf_counter() - start:.0f} s")
-            with torch.no_grad():
-                row["infer_compiled_img_s"] = _throughput(lambda: compiled_model(x), batch_size, repeats, warmup)
-            say(f"  inference compiled: {row['infer_compiled_img_s']:.1f} img/s")
-        if train:
-            model.train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            target = torch.randint(0, model.num_classes, (batch_size,))
+) -> None:
+    """Fill each subject's row. Every timed round runs each subject once, in turn, so that a slow phase of a shared
+    machine slows every row alike and the ratios between rows hold."""
+    batch = subjects[0].x.shape[0]
 
-            def step() -> None:
-                optimizer.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(model(x), target).backward()
-                optimizer.step()
+    def throughputs(steps: list[Callable[[], None]]) -> list[float]:
+        return [batch / (ms / 1e3) for ms in interleaved_median_ms(steps, repeats=repeats, warmup=warmup)]
 
-            row["train_img_s"] = _throughput(step, batch_size, repeats, warmup)
-            optimizer.zero_grad(set_to_none=True)
-            row["saved_mb"] = saved_for_backward_bytes(lambda: model(x)) / 1e6
-            say(f"  train: {row['train_img_s']:.1f} img/s, saved for backward {row['saved_mb']:.0f} MB")
-    return row
+    for subject in subjects:
+        subject.model.eval()
+    for subject, value in zip(subjects, throughputs([s.infer_eager for s in subjects]), strict=True):
+        subject.row["infer_eager_img_s"] = value
+        say(f"{subject.label}: inference eager {value:.1f} img/s")
+    if compiled:
+        for subject in subjects:
+            say(f"{subject.label}: compiled in {subject.compile():.0f} s")
+        for subject, value in zip(subjects, throughputs([s.infer_compiled for s in subjects]), strict=True):
+            subject.row["infer_compiled_img_s"] = value
+            say(f"{subject.label}: inference compiled {value:.1f} img/s")
+    if train:
+        for subject in subjects:
+            subject.model.train()
+        for subject, value in zip(subjects, throughputs([s.train_step for s in subjects]), strict=True):
+            subject.row["train_img_s"] = value
+            subject.row["saved_mb"] = subject.saved_mb()
+            say(f"{subject.label}: train {value:.1f} img/s, saved for backward {subject.row['saved_mb']:.0f} MB")
 
 
 def format_model_benchmark(rows: Sequence[dict[str, Any]]) -> str:
