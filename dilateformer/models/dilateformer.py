@@ -28,10 +28,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
-from torch.fx import _symbolic_trace
 
 from dilateformer.functional import check_dilations, check_heads_divisible, check_kernel_size
 from dilateformer.nn.attention import GlobalAttention, MultiScaleDilatedAttention
+from dilateformer.nn.linear import linear, onednn_inference_applies, runs_own_forward
 
 __all__ = [
     "DilateFormer",
@@ -136,43 +136,19 @@ class _GeluMlpFunction(torch.autograd.Function):
         return grad_x, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias, None
 
 
-# Newer PyTorch warns when is_fx_tracing is called outside a trace and offers this narrower, silent check.
-_is_fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
-
-
-_HAS_ONEDNN = torch.backends.mkldnn.is_available()
-
-
-def _onednn_linear_gelu_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether fc1 + exact GELU may run as one oneDNN call (the kernel inductor itself uses on CPU).
-
-    That is eager float32 CPU inference only: no autograd, no tracer, compiler or dispatch mode (FLOP counters,
-    fake tensors) that would not know the fused op. The result equals the unfused one to rounding; it is about 3x
-    faster because the hidden activation is written once instead of three times.
-    """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or _is_fx_tracing():
-        return False
-    return (
-        _HAS_ONEDNN
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and torch._C._len_torch_dispatch_stack() == 0
-    )
-
-
 class BlockMlp(Mlp):
     """timm's Mlp (same submodules and keys) that trains with less activation memory when it can.
 
-    With a GELU activation, no dropout and no hidden norm, a training forward runs :class:`_GeluMlpFunction`, and
-    an eager float32 CPU inference forward runs fc1 and the GELU as one oneDNN kernel; anything else runs timm's
-    plain forward.
+    With plain ``nn.Linear`` layers, a GELU activation, no dropout, no hidden norm and no hooks, a training forward
+    runs :class:`_GeluMlpFunction`, and an eager float32 CPU inference forward runs oneDNN kernels (fc1 and the GELU
+    as one); anything else, e.g. LoRA-wrapped or quantized layers, runs timm's plain forward.
     """
 
     def _fused_gelu(self) -> str | None:
-        if not isinstance(self.act, nn.GELU) or not isinstance(self.norm, nn.Identity):
+        if not isinstance(self.norm, nn.Identity) or self.drop1.p > 0 or self.drop2.p > 0:
             return None
-        if self.drop1.p > 0 or self.drop2.p > 0:
+        layers = ((self.fc1, nn.Linear), (self.act, nn.GELU), (self.fc2, nn.Linear))
+        if not all(runs_own_forward(module, cls) for module, cls in layers):
             return None
         return self.act.approximate
 
@@ -182,8 +158,8 @@ class BlockMlp(Mlp):
             return _GeluMlpFunction.apply(
                 x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, approximate
             )
-        if approximate == "none" and _onednn_linear_gelu_applies(x, self.fc1.weight):
-            return self.fc2(torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, "gelu", [], "none"))
+        if approximate == "none" and onednn_inference_applies(x, self.fc1.weight):
+            return linear(linear(x, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight, self.fc2.bias)
         return super().forward(x)
 
 

@@ -22,6 +22,7 @@ from dilateformer.functional import (
     check_kernel_size,
     multi_scale_dilated_attention,
 )
+from dilateformer.nn.linear import apply_linear, linear
 from dilateformer.ops.reference import msda_reference
 
 Layout = Literal["nchw", "nhwc"]
@@ -168,7 +169,7 @@ class MultiScaleDilatedAttention(_HeadedAttention):
         x = to_channels_last(x, self.dim, self.layout, type(self).__name__)
         batch, height, width, _ = x.shape
         # The 1x1 conv is a matmul over channels: run it channels-last, where the heads come out contiguous.
-        qkv = F.linear(x, self.qkv.weight.view(3 * self.dim, self.dim), self.qkv.bias)
+        qkv = linear(x, self.qkv.weight.view(3 * self.dim, self.dim), self.qkv.bias)
         q, k, v = qkv.view(batch, height, width, 3, self.num_heads, self.head_dim).unbind(3)
         if self._needs_explicit_probs():
             out = msda_reference(
@@ -192,7 +193,7 @@ class MultiScaleDilatedAttention(_HeadedAttention):
                 border=self.border,
                 backend=self.backend,
             )
-        out = self.proj_drop(self.proj(out.reshape(batch, height, width, self.dim)))
+        out = self.proj_drop(apply_linear(self.proj, out.reshape(batch, height, width, self.dim)))
         return from_channels_last(out, self.layout)
 
 
@@ -228,7 +229,7 @@ class GlobalAttention(_HeadedAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = to_channels_last(x, self.dim, self.layout, type(self).__name__)
         batch, height, width, _ = x.shape
-        qkv = self.qkv(x).view(batch, height * width, 3, self.num_heads, self.head_dim)
+        qkv = apply_linear(self.qkv, x).view(batch, height * width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, head_dim)
         if self._probabilities_requested():
             probs = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(-1))
@@ -237,4 +238,4 @@ class GlobalAttention(_HeadedAttention):
             drop = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, height, width, self.dim)
-        return from_channels_last(self.proj_drop(self.proj(out)), self.layout)
+        return from_channels_last(self.proj_drop(apply_linear(self.proj, out)), self.layout)

@@ -15,6 +15,13 @@ BORDERS = ("zero", "clamp")
 
 @functools.lru_cache(maxsize=256)
 def _window_table_cpu(length: int, kernel_size: int, dilation: int, border: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached across calls, so never an inference tensor: one made under inference_mode could not be saved for a
+    # later backward.
+    with torch.inference_mode(False):
+        return _build_window_table(length, kernel_size, dilation, border)
+
+
+def _build_window_table(length: int, kernel_size: int, dilation: int, border: str) -> tuple[torch.Tensor, torch.Tensor]:
     radius = (kernel_size - 1) // 2
     query = torch.arange(length).unsqueeze(1)
     slot = torch.arange(kernel_size).unsqueeze(0)

@@ -244,3 +244,24 @@ def test_block_mlp_inference_runs_one_onednn_kernel_with_the_plain_result():
     assert mlp.fc1.weight.grad is not None
     with torch.no_grad():
         torch.testing.assert_close(mlp.double()(x.double()), super(BlockMlp, mlp).forward(x.double()))
+    mlp.float()
+
+    # A hooked or wrapped layer (LoRA, quantization) must still be called: such MLPs run the plain forward.
+    class WrappedLinear(nn.Linear):
+        def forward(self, input):
+            return super().forward(input) + 1.0
+
+    seen = []
+    handle = mlp.fc1.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected)
+    assert seen == [(2, 5, 7, 96)] and mlp._fused_gelu() is None
+    handle.remove()
+    wrapped = WrappedLinear(96, 24)
+    wrapped.load_state_dict(mlp.fc2.state_dict())
+    mlp.fc2 = wrapped
+    assert mlp._fused_gelu() is None
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected + 1.0)
+    mlp.train()
+    torch.testing.assert_close(mlp(x), expected + 1.0)

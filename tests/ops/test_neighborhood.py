@@ -39,3 +39,14 @@ def test_clamp_border_matches_zero_border_in_the_interior():
 def test_head_groups_are_contiguous_and_equal():
     groups = head_groups(6, (1, 2, 3))
     assert [(s.start, s.stop, d) for s, d in groups] == [(0, 2, 1), (2, 4, 2), (4, 6, 3)]
+
+
+def test_tables_first_built_in_inference_mode_still_serve_autograd():
+    from dilateformer.functional import multi_scale_dilated_attention
+
+    q = torch.randn(1, 13, 17, 2, 4)
+    with torch.inference_mode():
+        multi_scale_dilated_attention(q, q, q, 5, (1, 2), backend="reference")
+    q.requires_grad_()
+    multi_scale_dilated_attention(q, q, q, 5, (1, 2), backend="reference").sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
