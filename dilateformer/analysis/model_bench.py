@@ -3,9 +3,8 @@
 One function runs it and returns plain rows (:func:`run_model_benchmark`); another formats them
 (:func:`format_model_benchmark`). ``benchmarks/bench_model.py`` and the CLI are thin callers.
 
-Every row says which MSDA backend ran. ``"auto"`` resolves to ``"compiled"`` (torch.compile-fused MSDA
-kernels) wherever a compiler is available; the rest of the model still runs op by op unless the row's
-``mode`` is ``"compiled"``, which wraps the whole model in ``torch.compile``.
+Every row says which MSDA backend ran (``"auto"`` resolves to ``"native"`` on CPU). The eager columns run the
+rest of the model op by op; the compiled column wraps the whole model in ``torch.compile``.
 
 The ``official-style`` row is :class:`~dilateformer.analysis.baselines.OfficialStyleDilateFormer` with the same
 weights: the official architecture run the way its code runs it (unfold MSDA, NCHW activations, explicit global
@@ -160,7 +159,6 @@ class _Subject:
             self.model(self.x)
 
     def compile(self) -> float:
-        self.model.eval()
         self.compiled_model = torch.compile(self.model, fullgraph=True)
         start = time.perf_counter()
         self.infer_compiled()

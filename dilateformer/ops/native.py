@@ -122,25 +122,22 @@ def build_library(flag_sets: tuple[tuple[str, ...], ...]) -> ctypes.CDLL:
     raise RuntimeError("could not build the native MSDA kernels:\n" + "\n".join(errors))
 
 
+# Entry point -> (pointer arguments, trailing int64 arguments). Each also has a "_parallel" twin whose two trailing
+# ints are (total, threads) instead of (begin, end).
 _SIGNATURES = {
-    "msda_forward": 5,
-    "msda_backward_queries": 9,
-    "msda_backward_keys_scatter": 6,
+    "msda_forward": (5, 2),
+    "msda_backward_queries": (9, 2),
+    "msda_backward_keys_scatter": (6, 2),
+    "msda_backward_zero_fused": (9, 3),
 }
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     # Without argtypes ctypes would pass the int64 ranges as 32-bit ints.
-    for name, pointers in _SIGNATURES.items():
-        for suffix in _SUFFIX.values():
-            fn = getattr(lib, name + suffix)
-            fn.argtypes = [ctypes.POINTER(_Problem), *[ctypes.c_void_p] * pointers, ctypes.c_int64, ctypes.c_int64]
-            fn.restype = None
     for suffix in _SUFFIX.values():
         for flag in ("msda_has_blocks", "msda_has_openmp"):
             getattr(lib, flag + suffix).restype = ctypes.c_int
-        for name, pointers, ints in (*((name, pointers, 2) for name, pointers in _SIGNATURES.items()),
-                                     ("msda_backward_zero_fused", 9, 3)):  # fmt: skip
+        for name, (pointers, ints) in _SIGNATURES.items():
             for variant in ("", "_parallel"):
                 fn = getattr(lib, name + variant + suffix)
                 fn.argtypes = [ctypes.POINTER(_Problem), *[ctypes.c_void_p] * pointers, *[ctypes.c_int64] * ints]
@@ -180,12 +177,18 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
+@functools.cache
+def _splits_work_itself(lib: ctypes.CDLL) -> bool:
+    """Whether ``lib`` was built with OpenMP (its ``*_parallel`` entry points split the work)."""
+    return bool(lib.msda_has_openmp_f32())
+
+
 def _parallel(lib: ctypes.CDLL, name: str, dtype: torch.dtype, args: tuple, total: int) -> None:
     """Run the entry point ``name(*args, begin, end)`` for ``dtype`` over [0, total), split across torch's intra-op
     thread count: by the library's OpenMP team where it has one, else by a Python thread pool."""
     workers = max(1, min(torch.get_num_threads(), total))
     suffix = _SUFFIX[dtype]
-    if workers > 1 and getattr(lib, "msda_has_openmp" + suffix)():
+    if workers > 1 and _splits_work_itself(lib):
         getattr(lib, name + "_parallel" + suffix)(*args, total, workers)
         return
     fn = getattr(lib, name + suffix)
