@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from dilateformer.ops import BACKENDS
-from dilateformer.ops.context import BACKEND_NAMES, select_backend, use_backend
+from dilateformer.ops.context import BACKEND_NAMES, default_backend, select_backend, use_backend
 from dilateformer.ops.neighborhood import BORDERS
 
 __all__ = ["multi_scale_dilated_attention", "use_backend", "BACKEND_NAMES", "BORDERS"]
@@ -52,10 +52,10 @@ def check_heads_divisible(num_heads: int, dilations: tuple[int, ...], what: str 
         )
 
 
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _check_tensors(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 5:
         raise ValueError(f"q must be 5-D (batch, height, width, heads, head_dim), got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
@@ -67,6 +67,15 @@ def _check_tensors(q, k, v) -> None:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
     if not q.is_floating_point():
         raise TypeError(f"q, k and v must be floating point, got {q.dtype}")
+
+
+def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast MSDA runs in the autocast dtype, as matmul and SDPA do (still accumulating in float32)."""
+    device_type = q.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.dtype in _AUTOCAST_DTYPES else t for t in (q, k, v))
 
 
 def multi_scale_dilated_attention(
@@ -87,7 +96,8 @@ def multi_scale_dilated_attention(
 
     Args:
         q, k, v: ``(batch, height, width, heads, head_dim)``, heads-last (NATTEN's layout), same shape, dtype and
-            device. Half-precision inputs are accumulated in float32.
+            device. Half-precision inputs are accumulated in float32. Under ``torch.autocast`` float32 and half
+            inputs run in the autocast dtype.
         kernel_size: odd window size k >= 1.
         dilations: one dilation rate per head group. The heads are split into ``len(dilations)`` contiguous,
             equal groups; group i samples its window with stride ``dilations[i]``.
@@ -96,13 +106,18 @@ def multi_scale_dilated_attention(
             window positions outside the image are zero keys and values, which still take part in the softmax
             with logit 0. ``"clamp"`` (the NATTEN/DiNAT convention): the window slides inward at the borders so
             every query sees k*k real keys of its own dilation sub-grid (the whole sub-grid where it is shorter).
-        backend: ``"auto"`` picks ``"compiled"`` where torch.compile can build kernels for the device and
-            ``"eager"`` elsewhere; ``"reference"``, ``"eager"`` or ``"compiled"`` force one (so does
+        backend: ``"auto"`` picks the fastest backend for the tensors' device when the kernel runs (``"native"``
+            on CPU, ``"compiled"`` on CUDA, ``"eager"`` where neither can run), so traced and exported graphs
+            carry no backend choice. A name from ``BACKEND_NAMES`` forces one (so does
             :func:`dilateformer.use_backend`), and a forced backend that cannot run raises ValueError.
 
     Returns:
         A tensor of q's shape and dtype.
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    q, k, v = _autocast(q, k, v)
     _check_tensors(q, k, v)
     kernel_size = check_kernel_size(kernel_size)
     dilations = check_dilations(dilations)
@@ -118,5 +133,11 @@ def multi_scale_dilated_attention(
     if q.numel() == 0:
         # Empty batch (or zero-width image): nothing to attend to, and still differentiable.
         return q * 0 + k.sum() * 0 + v.sum() * 0
-    name = select_backend(backend, q.device, q.dtype)
+    requested = default_backend() if backend == "auto" else backend
+    if requested == "auto":
+        # Resolved inside the op when it runs, so a traced or exported graph carries no backend choice.
+        args = (kernel_size, list(dilations), float(scale), border, "auto")
+        out, _ = torch.ops.dilateformer.msda_forward(q, k, v, *args)
+        return out
+    name = select_backend(requested, q.device, q.dtype)
     return BACKENDS[name].fn(q, k, v, kernel_size, dilations, float(scale), border)

@@ -2,7 +2,9 @@
 
 Registering the op with ``torch.library`` makes it a single node for autograd, FLOP counters, ``torch.export`` and
 ``torch.compile(fullgraph=True)``. The kernels behind it are chosen by the ``impl`` argument, from the table that
-the eager and compiled backends fill in with :func:`register_impl`.
+the eager and compiled backends fill in with :func:`register_impl`. ``impl="auto"`` is resolved when the kernel
+runs, from the tensors' device, so a graph that holds the op (``torch.export``, ``torch.compile``) holds no backend
+choice: the same program runs the native kernels on CPU and the CUDA kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ def register_impl(name: str, forward: ForwardKernel, backward: BackwardKernel) -
     _IMPLS[name] = (forward, backward)
 
 
+def _kernels(impl: str, q: torch.Tensor) -> tuple[ForwardKernel, BackwardKernel]:
+    if impl == "auto":
+        from dilateformer.ops.context import select_backend  # the backends import this module
+
+        impl = select_backend("auto", q.device, q.dtype)
+    return _IMPLS[impl]
+
+
 @torch.library.custom_op("dilateformer::msda_forward", mutates_args=())
 def msda_forward(
     q: torch.Tensor,
@@ -34,7 +44,7 @@ def msda_forward(
     border: str,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _IMPLS[impl][0](q, k, v, kernel_size, dilations, scale, border)
+    out, lse = _kernels(impl, q)[0](q, k, v, kernel_size, dilations, scale, border)
     return out.to(q.dtype), lse
 
 
@@ -57,7 +67,7 @@ def msda_backward(
     border: str,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _IMPLS[impl][1](grad_out, q, k, v, out, lse, kernel_size, dilations, scale, border)
+    grads = _kernels(impl, q)[1](grad_out, q, k, v, out, lse, kernel_size, dilations, scale, border)
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))
 
 
