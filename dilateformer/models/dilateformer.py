@@ -30,6 +30,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from dilateformer.functional import check_dilations, check_heads_divisible, check_kernel_size
+from dilateformer.nn.amp import autocast_state
 from dilateformer.nn.attention import GlobalAttention, MultiScaleDilatedAttention
 from dilateformer.nn.linear import linear, runs_own_forward
 
@@ -111,10 +112,14 @@ class _GeluMlpFunction(torch.autograd.Function):
 
     Autograd would also keep GELU's output (4C per position, for fc2's weight gradient); recomputing it from
     fc1's output in backward is one cheap elementwise op and cuts the MLP's saved activations from 9C to 5C.
+
+    Autocast-correct on every device: the backward runs under the autocast state the forward ran under (what
+    ``torch.amp.custom_bwd`` does for one fixed device type), so its matmuls see the dtypes the forward's did.
     """
 
     @staticmethod
     def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str):
+        ctx.autocast = autocast_state(x.device.type)
         hidden = F.linear(x, fc1_weight, fc1_bias)
         ctx.save_for_backward(x, fc1_weight, fc2_weight, hidden)
         ctx.approximate = approximate
@@ -123,6 +128,11 @@ class _GeluMlpFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(**ctx.autocast):
+            return _GeluMlpFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, fc1_weight, fc2_weight, hidden = ctx.saved_tensors
         act = F.gelu(hidden, approximate=ctx.approximate)
         grad_out2d = grad_out.reshape(-1, grad_out.shape[-1])

@@ -288,7 +288,7 @@ def run_train(args: argparse.Namespace) -> int:
     from dilateformer.train import checkpoint as ckpt
     from dilateformer.train import distributed
     from dilateformer.train.data import build_dataset, patch_rand_augment
-    from dilateformer.train.engine import evaluate, train_one_epoch
+    from dilateformer.train.engine import amp_dtype, evaluate, train_one_epoch
     from dilateformer.train.modeling import (
         create_model,
         load_file_into,
@@ -475,7 +475,9 @@ def run_train(args: argparse.Namespace) -> int:
         f"training {config['model']} ({param_count / 1e6:.2f} M params, {len(classes)} classes) on "
         f"{len(train_set)} images ({config['dataset'] or config['data_dir']}), val {len(val_set)}, "
         f"{info.world_size} process(es) x batch {batch_size}, lr {lr:.3g}, {num_epochs} epochs, "
-        f"img {img_size}, device {info.device}; output {output}"
+        f"img {img_size}, device {info.device}"
+        + (f", {str(amp_dtype(info.device)).removeprefix('torch.')} autocast" if config["amp"] else "")
+        + f"; output {output}"
     )
     metadata = {
         "model": config["model"],

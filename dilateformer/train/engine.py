@@ -30,12 +30,16 @@ class EpochStats:
         return self.images / self.seconds if self.seconds > 0 else float("nan")
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The ``--amp`` dtype: fp16 on CUDA (with a gradient scaler), bf16 elsewhere (no scaler needed)."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU, fp16 on CUDA; a no-op context when disabled."""
+    """Autocast in :func:`amp_dtype`; a no-op context when disabled."""
     if not enabled:
         return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=amp_dtype(device))
 
 
 class Progress:

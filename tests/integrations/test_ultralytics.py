@@ -41,6 +41,7 @@ from dilateformer.integrations.ultralytics import (  # noqa: E402
     yaml_path,
 )
 from dilateformer.nn import GlobalAttention, MultiScaleDilatedAttention  # noqa: E402
+from tests.nn.test_amp import LOSS_RTOL, autocast_step  # noqa: E402
 
 SHIPPED = ["yolov8n-msda.yaml", "yolo11n-msda.yaml", "yolov8n-global.yaml"]
 REPO = Path(__file__).resolve().parents[2]
@@ -104,6 +105,22 @@ def test_blocks_keep_the_shapes_of_their_ultralytics_twins():
     block = C2PSA_MSDA(32, 32, n=2)
     assert block(x).shape == x.shape
     assert all(isinstance(b.attn, MSDA) and b.attn.dim == 16 for b in block.m)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: MSDA(32), lambda: GlobalAttn(32), lambda: C2f_MSDA(32, 32, n=1), lambda: C2PSA_MSDA(32, 32, n=1)],
+    ids=["MSDA", "GlobalAttn", "C2f_MSDA", "C2PSA_MSDA"],
+)
+def test_modules_train_under_cpu_autocast(make, dtype):
+    torch.manual_seed(0)
+    module = make().train()
+    x = torch.randn(2, 32, 8, 10)
+    reference, _ = autocast_step(module, x, None)
+    loss, grads = autocast_step(module, x, dtype)
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert loss == pytest.approx(reference, rel=LOSS_RTOL[dtype])
 
 
 @pytest.mark.parametrize("channels", [16, 32, 40, 48, 64, 80, 96, 120, 128, 160, 192, 256, 320, 384, 512, 640, 768])

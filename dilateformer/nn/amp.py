@@ -1,0 +1,24 @@
+"""Autocast state capture for custom autograd Functions that run on any device type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def autocast_state(device_type: str) -> dict[str, Any]:
+    """The autocast state of ``device_type`` now, as ``torch.autocast`` keyword arguments.
+
+    A Function's backward runs on autograd's thread, outside the forward's autocast region. Re-entering this state
+    there makes the backward's ops see the dtypes the forward's did, which ``torch.amp.custom_fwd``/``custom_bwd``
+    do too, but for a single device type fixed at decoration time.
+    """
+    if not torch.amp.is_autocast_available(device_type):
+        return {"device_type": device_type, "enabled": False}
+    return {
+        "device_type": device_type,
+        "enabled": torch.is_autocast_enabled(device_type),
+        "dtype": torch.get_autocast_dtype(device_type),
+        "cache_enabled": torch.is_autocast_cache_enabled(),
+    }
