@@ -123,6 +123,20 @@ def test_modules_train_under_cpu_autocast(make, dtype):
     assert loss == pytest.approx(reference, rel=LOSS_RTOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", SHIPPED)
+def test_half_precision_model_runs_inference(name, dtype):
+    """Ultralytics validates with ``model.half()`` on GPU; the same cast must work for our layers."""
+    torch.manual_seed(0)
+    model = YOLO(name).model.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)[0]
+        got = model.to(dtype)(x.to(dtype))[0]
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("channels", [16, 32, 40, 48, 64, 80, 96, 120, 128, 160, 192, 256, 320, 384, 512, 640, 768])
 def test_default_heads_divide_every_yolo_width(channels):
     heads = default_num_heads(channels, 4)
