@@ -57,19 +57,16 @@ def attention_backward_flops(q_shape: Shape, k_shape: Shape, v_shape: Shape) -> 
     return 2 * _pairs(q_shape, k_shape) * (3 * q_shape[-1] + 2 * v_shape[-1])
 
 
-def _register(names: Sequence[str], formula: Callable[..., int]) -> None:
-    # A target torch does not have (older builds) or already counts (newer builds) is skipped: registering it
-    # twice raises, and torch's own formula is the one to trust.
-    targets = [getattr(torch.ops.aten, n) for n in names if hasattr(torch.ops.aten, n)]
+def _register(targets: Sequence[Any], formula: Callable[..., int]) -> None:
+    # A target that already has a formula is skipped: a newer torch's own (the one to trust) or ours, on
+    # importlib.reload; registering one twice raises.
     targets = [t for t in targets if t not in flop_counter.flop_registry]
     if targets:
         flop_counter.register_flop_formula(targets)(formula)
 
 
-def _register_dilateformer(name: str, formula: Callable[..., int]) -> None:
-    target = getattr(torch.ops.dilateformer, name)
-    if target not in flop_counter.flop_registry:  # importlib.reload of this module
-        flop_counter.register_flop_formula(target)(formula)
+def _aten(*names: str) -> list[Any]:
+    return [getattr(torch.ops.aten, n) for n in names if hasattr(torch.ops.aten, n)]  # older builds lack some
 
 
 def _msda_forward(q_shape, k_shape, v_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
@@ -88,22 +85,22 @@ def _sdpa_backward(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None,
     return attention_backward_flops(q_shape, k_shape, v_shape)
 
 
-_register_dilateformer("msda_forward", _msda_forward)
-_register_dilateformer("msda_backward", _msda_backward)
+_register([torch.ops.dilateformer.msda_forward], _msda_forward)
+_register([torch.ops.dilateformer.msda_backward], _msda_backward)
 # Every variant takes (q, k, v, ...) forward and (grad_out, q, k, v, ...) backward.
 _register(
-    [
+    _aten(
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_fused_attention_overrideable",
         "_scaled_dot_product_attention_math_for_mps",
-    ],
+    ),
     _sdpa_forward,
 )
 _register(
-    [
+    _aten(
         "_scaled_dot_product_flash_attention_for_cpu_backward",
         "_scaled_dot_product_fused_attention_overrideable_backward",
-    ],
+    ),
     _sdpa_backward,
 )
 
