@@ -1,4 +1,4 @@
-"""YOLOv8n with and without attention: params, GFLOPs, memory saved for backward and forward time.
+"""YOLOv8n with and without attention: params, GMACs, memory saved for backward and forward time.
 
     python benchmarks/bench_yolo.py                     # 640x640, batch 1, CPU, eager MSDA backend
     python benchmarks/bench_yolo.py --device cuda --backend auto --batch 8
@@ -13,10 +13,11 @@ and, unless ``--no-naive``, the two attention models once more as a textbook imp
 its ``reference`` backend (probabilities materialised) and global attention on the ``math`` SDPA kernel (the
 ``(H*W)^2`` attention matrix materialised). That is where swapping attention in changes memory.
 
-GFLOPs are counted by ``torch.utils.flop_counter`` (matmuls, convolutions and attention; 2 FLOPs per multiply-add,
-Ultralytics' convention), so they include the attention maths that Ultralytics' thop-based count cannot see. The
-saved-for-backward bytes are those autograd keeps for one training-mode forward; forward times are medians in
-eval mode under ``torch.no_grad``. Needs ``pip install dilateformer[yolo]``.
+GMACs (billions of multiply-adds) are counted by :func:`dilateformer.analysis.measure.count_macs` (matmuls,
+convolutions and attention), so they include the attention maths that Ultralytics' thop-based count cannot see;
+Ultralytics prints GFLOPs, 2 per multiply-add, twice these numbers. The saved-for-backward bytes are those
+autograd keeps for one training-mode forward; forward times are medians in eval mode under ``torch.no_grad``.
+Needs ``pip install dilateformer[yolo]``.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from dilateformer.analysis.measure import format_table, median_ms, saved_for_backward_bytes  # noqa: E402
+from dilateformer.analysis.measure import count_macs, format_table, median_ms, saved_for_backward_bytes  # noqa: E402
 
 # (row label, model YAML, MSDA backend or None for the run's own, force the math SDPA kernel)
 MODELS = [
@@ -46,23 +46,20 @@ NAIVE = [
 
 
 def measure(cfg: str, x: torch.Tensor, repeats: int) -> list[object]:
-    """params, GFLOPs, MB saved for backward and forward ms of one model."""
+    """params, GMACs, MB saved for backward and forward ms of one model."""
     from ultralytics.nn.tasks import DetectionModel
 
     import dilateformer.integrations.ultralytics  # noqa: F401  (registers the layers)
 
     model = DetectionModel(cfg, verbose=False).to(x.device)
     params = sum(p.numel() for p in model.parameters())
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    gflops = counter.get_total_flops() / 1e9
+    gmacs = count_macs(model, x) / 1e9
     model.train()
     saved = saved_for_backward_bytes(lambda: model(x)) / 2**20
     model.eval()
     with torch.no_grad():
         ms = median_ms(lambda: model(x), repeats=repeats, warmup=2, device=x.device)
-    return [params, gflops, saved, ms]
+    return [params, gmacs, saved, ms]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.imgsz}x{args.imgsz}, batch {args.batch}, {device}{threads}, MSDA backend {backend!r}, "
         f"torch {torch.__version__}"
     )
-    print(format_table(["model", "params", "GFLOPs", "MB saved for backward", "forward ms"], rows))
+    print(format_table(["model", "params", "GMACs", "MB saved for backward", "forward ms"], rows))
 
 
 if __name__ == "__main__":

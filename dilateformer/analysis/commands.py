@@ -157,15 +157,15 @@ def _add_profile(subparsers) -> None:
 
     p = subparsers.add_parser(
         "profile",
-        help="params, FLOPs, memory and time by input size, for a model and its global-attention twin",
+        help="params, GMACs, memory and time by input size, for a model and its global-attention twin",
         description="For a DilateFormer model and its global-attention twin at each input size: parameters, "
-        "forward GMACs (MSDA counted through its registered FLOP formula), MB saved for backward, forward "
+        "forward GMACs (multiply-adds, MSDA and attention included), MB saved for backward, forward "
         "and forward+backward ms. Writes a table, a JSON file and a log-log plot.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
     p.add_argument("--sizes", default="224,384,512", help="square input sides, comma-separated (default 224,384,512)")
     p.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
-    p.add_argument("--no-timing", action="store_true", help="count FLOPs and estimate memory only (seconds)")
+    p.add_argument("--no-timing", action="store_true", help="count GMACs and estimate memory only (seconds)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, median kept (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first, e.g. to compile (default 1)")
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="MSDA backend (default auto)")

@@ -1,12 +1,17 @@
-"""Measuring helpers shared by the benchmarks, the profiler and the demo: medians, saved-for-backward bytes."""
+"""Measuring helpers shared by the benchmarks, the profiler and the demo: medians, saved bytes, multiply-adds."""
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import dilateformer.ops  # noqa: F401  (registers the FLOP formulas for MSDA and the CPU attention kernels)
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -65,6 +70,32 @@ def saved_for_backward_bytes(fn: Callable[[], torch.Tensor]) -> int:
         out = fn()
     del out
     return sum(storages.values())
+
+
+def count_macs(model: nn.Module, *inputs: torch.Tensor, on_meta: bool = False) -> int:
+    """Multiply-adds of one inference forward, ``model(*inputs)`` in eval mode under ``torch.no_grad``.
+
+    The package's one FLOP count: ``torch.utils.flop_counter.FlopCounterMode``'s total (2 FLOPs per multiply-add)
+    halved, with MSDA and the attention kernels counted through :mod:`dilateformer.ops.flops`. Divide by ``1e9``
+    for GMACs, the unit every table here prints. The count depends on shapes only, so it is the same on any
+    device; ``on_meta=True`` counts a weightless copy of the model on the ``meta`` device, which does no
+    arithmetic and so costs milliseconds at any input size (the inputs only lend their shapes and dtypes).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise TypeError(f"inputs must be one or more tensors, got {[type(x).__name__ for x in inputs]}")
+    if on_meta:
+        model = copy.deepcopy(model).to("meta")
+        inputs = tuple(torch.empty_like(x, device="meta") for x in inputs)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*inputs)
+    finally:
+        model.train(training)
+    return counter.get_total_flops() // 2
 
 
 def format_table(headers: list[str], rows: list[list[object]]) -> str:

@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from dilateformer.analysis.baselines import official_style_twin
-from dilateformer.analysis.measure import format_table, interleaved_median_ms, saved_for_backward_bytes
+from dilateformer.analysis.measure import count_macs, format_table, interleaved_median_ms, saved_for_backward_bytes
 from dilateformer.functional import use_backend
 from dilateformer.models import create_dilateformer
 from dilateformer.ops.context import select_backend
@@ -53,12 +52,9 @@ _ATTENTION_LABELS = {
 
 
 def _gmacs(name: str, attention: str, img_size: int) -> float:
-    """Multiply-adds of one image, as torch.utils.flop_counter counts them; on the meta device, so instant."""
-    model = _build(name, attention, device="meta").eval()
-    meta = torch.empty(1, model.in_chans, img_size, img_size, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(meta)
-    return counter.get_total_flops() / 2 / 1e9
+    """GMACs of one image (:func:`~dilateformer.analysis.measure.count_macs`); on the meta device, so instant."""
+    model = _build(name, attention, device="meta")
+    return count_macs(model, torch.empty(1, model.in_chans, img_size, img_size, device="meta")) / 1e9
 
 
 def run_model_benchmark(

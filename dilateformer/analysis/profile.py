@@ -1,10 +1,10 @@
 """Cost by resolution: a DilateFormer and its global-attention twin, side by side, at several input sizes.
 
-Per model and size: parameters, forward FLOPs (``torch.utils.flop_counter``, which sees MSDA through the FLOP
-formula registered for ``torch.ops.dilateformer.msda_forward``), MB saved for backward, forward ms and
-forward+backward ms.
+Per model and size: parameters, forward GMACs (:func:`~dilateformer.analysis.measure.count_macs`, which sees
+MSDA and global attention through the FLOP formulas of :mod:`dilateformer.ops.flops`), MB saved for backward,
+forward ms and forward+backward ms.
 
-FLOPs and the memory estimate come from a run on the ``meta`` device: no data, no arithmetic, so they cost
+GMACs and the memory estimate come from a run on the ``meta`` device: no data, no arithmetic, so they cost
 milliseconds at any size. Global attention's cost grows with the square of the pixel count, so before each
 real run the profiler checks the meta estimate against the memory budget and, once it has timed a smaller size
 of the same model, predicts the run's time; a run that would not fit or would take too long is reported as
@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from dilateformer.analysis.measure import format_table, median_ms
+from dilateformer.analysis.measure import count_macs, format_table, median_ms
 from dilateformer.analysis.plots import loglog_figure, save_figure
 from dilateformer.analysis.visualize import InputError, create_registered_model
 
@@ -81,14 +80,6 @@ def build_pair(model_name: str, **kwargs) -> dict[str, nn.Module]:
     return {"msda": model, "global": twin}
 
 
-def count_flops(model: nn.Module, size: int, batch: int = 1) -> int:
-    """Forward FLOPs of ``model`` on a ``batch x 3 x size x size`` input, counted on the meta device."""
-    meta = copy.deepcopy(model).to("meta").eval()  # inference FLOPs; eval also skips train-only input checks
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        meta(torch.empty(batch, 3, size, size, device="meta"))
-    return counter.get_total_flops()
-
-
 def saved_bytes(fn: Callable[[], object], params: Sequence[torch.Tensor] = ()) -> tuple[int, int]:
     """``(total, parameters)``: bytes of the distinct storages autograd saves while ``fn()`` builds its graph.
 
@@ -144,7 +135,7 @@ def profile_models(
     Args:
         sizes: square input sides in pixels.
         batch: images per forward; GMACs are per image, MB and ms per batch.
-        timing: False counts FLOPs and estimates memory only (fast, deterministic: what tests use).
+        timing: False counts GMACs and estimates memory only (fast, deterministic: what tests use).
         repeats, warmup: timed and untimed calls per measurement (the median is reported).
         memory_budget: bytes a run may use; default 70% of the memory available now.
         time_budget_s: a run predicted to take longer (all its calls) is estimated instead of run.
@@ -163,21 +154,21 @@ def profile_models(
     for attention, model in models.items():
         params = sum(p.numel() for p in model.parameters())
         model.to(device)
-        # fwd+bwd ms per forward GFLOP, from this model's last timed size, else the other model's: a rough
+        # fwd+bwd ms per forward GMAC, from this model's last timed size, else the other model's: a rough
         # rate, but enough to avoid starting a run that would take far beyond the budget.
-        ms_per_gflop = rates.get(attention) or next(iter(rates.values()), None)
+        ms_per_gmac = rates.get(attention) or next(iter(rates.values()), None)
         for size in sorted(sizes):
             step += 1
             label = f"[{step}/{steps}] {model_name} ({attention}) {size}x{size} batch {batch}"
-            say(f"{label}: counting FLOPs")
-            flops = count_flops(model, size, 1)
+            say(f"{label}: counting multiply-adds")
+            gmacs = count_macs(model, torch.empty(1, 3, size, size), on_meta=True) / 1e9
             row = ProfileRow(
                 model=model_name,
                 attention=attention,
                 size=size,
                 batch=batch,
                 params=params,
-                gmacs=flops / 2e9,
+                gmacs=gmacs,
                 saved_mb=None,
                 activation_mb=None,
                 saved_mb_estimate=None,
@@ -200,9 +191,8 @@ def profile_models(
                 row.status = f"out of memory (needs ~{estimate / 1e9:.1f} GB, budget {budget / 1e9:.1f} GB)"
                 say(f"{label}: skipped, {row.status}")
                 continue
-            gflops = flops * batch / 1e9
-            if ms_per_gflop is not None:
-                predicted_ms = ms_per_gflop * gflops
+            if ms_per_gmac is not None:
+                predicted_ms = ms_per_gmac * gmacs * batch
                 # fwd+bwd calls plus forward-only calls (about a third of the cost each) plus the memory pass.
                 predicted_s = predicted_ms * (repeats + warmup) * 4 / 3 / 1e3 + predicted_ms / 3e3
                 if predicted_s > time_budget_s:
@@ -228,7 +218,7 @@ def profile_models(
                 row.status = "out of memory"
                 say(f"{label}: out of memory")
                 continue
-            ms_per_gflop = rates[attention] = row.forward_backward_ms / gflops
+            ms_per_gmac = rates[attention] = row.forward_backward_ms / (gmacs * batch)
         model.to("cpu")
     return rows
 
@@ -329,7 +319,7 @@ def profile_figure(rows: Sequence[ProfileRow], output) -> None:
     batch = rows[0].batch if rows else 1
     ran = any(r.status == "ok" for r in rows)
     pixels = "pixels per image, H x W (log scale)"
-    panels = [("forward FLOPs per image", pixels, "GMACs", series(lambda r: r.gmacs))]
+    panels = [("forward multiply-adds per image", pixels, "GMACs", series(lambda r: r.gmacs))]
     if ran:
         ok = lambda value, r: value if r.status == "ok" else None  # noqa: E731
         panels += [

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dilateformer.ops import flops  # noqa: F401  (registers the FLOP formulas whenever dilateformer is imported)
 from dilateformer.ops.compiled import msda_compiled
 from dilateformer.ops.compiled import unavailable_reason as _compiled_unavailable
 from dilateformer.ops.eager import msda_eager

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
 from dilateformer.ops.kernels import compute_dtype
 
@@ -90,21 +89,3 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 msda_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def msda_flops(q_shape, kernel_size: int) -> int:
-    """FLOPs of MSDA's two products (q.k and p.v), counting a multiply-add as 2, like torch's matmul formulas."""
-    batch, height, width, heads, head_dim = q_shape
-    return 2 * 2 * batch * height * width * heads * head_dim * kernel_size * kernel_size
-
-
-@register_flop_formula(torch.ops.dilateformer.msda_forward)
-def _forward_flops(q_shape, k_shape, v_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
-    return msda_flops(q_shape, kernel_size)
-
-
-@register_flop_formula(torch.ops.dilateformer.msda_backward)
-def _backward_flops(grad_shape, q_shape, *args, out_shape=None, **kwargs) -> int:
-    # dq, dk, dv and dp are one product each, plus the recomputed logits: 5 products against the forward's 2.
-    kernel_size = args[4]
-    return msda_flops(q_shape, kernel_size) * 5 // 2

@@ -1,10 +1,10 @@
 """``dilateformer demo``: MSDA against its global-attention twin, in miniature, offline, on 2 CPU cores.
 
 1. Train a small DilateFormer (MSDA in stages 1-2, global attention in 3-4) and its twin with global attention
-   everywhere (the same parameters) on scikit-learn's digits; tabulate accuracy, params, GFLOPs, MB saved for
+   everywhere (the same parameters) on scikit-learn's digits; tabulate accuracy, params, GMACs, MB saved for
    backward and img/s.
-2. Sweep the input resolution: MSDA's time and memory grow linearly with the pixel count, global attention's
-   time quadratically.
+2. Sweep the input resolution: MSDA's multiply-adds, time and memory grow linearly with the pixel count, global
+   attention's multiply-adds and time quadratically.
 3. Draw where one query pixel attends on scikit-image's 'chelsea' photo (MSDA's dilated windows next to the
    twin's global map), with :func:`dilateformer.analysis.visualize.attention_figure`.
 """
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dilateformer.analysis.measure import format_table, median_ms, saved_for_backward_bytes
+from dilateformer.analysis.measure import count_macs, format_table, median_ms, saved_for_backward_bytes
 from dilateformer.ops.context import default_backend, select_backend
 from dilateformer.train.errors import CLIError
 
@@ -62,14 +62,9 @@ def _build(layout: tuple[str, ...], embed_dim: int, img_size: int) -> nn.Module:
     )
 
 
-def gflops(model: nn.Module, size: int) -> float:
-    """Forward GFLOPs for one image (MSDA counted through its registered FLOP formula)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, size, size))
-    return counter.get_total_flops() / 1e9
+def gmacs(model: nn.Module, size: int) -> float:
+    """Forward GMACs (billions of multiply-adds) for one ``size x size`` image, attention included."""
+    return count_macs(model, torch.zeros(1, 3, size, size)) / 1e9
 
 
 def saved_mb(model: nn.Module, size: int, batch: int) -> float:
@@ -187,15 +182,15 @@ def _run(settings: dict[str, Any], seed: int, output: Path, say) -> dict[str, An
         torch.manual_seed(seed)
         top1, train_speed = _train(model, settings["epochs"], loaders, say)
         params = sum(p.numel() for p in model.parameters())
-        flops = gflops(model, size)
+        macs = gmacs(model, size)
         memory = saved_mb(model, size, settings["batch"])
         infer = settings["batch"] / infer_ms(model, size, settings["batch"], settings["repeats"]) * 1e3
-        rows.append([name, top1, params, flops, memory, train_speed, infer])
-        summary.append(dict(model=name, val_top1=top1, params=params, gflops=flops, saved_mb=memory,
+        rows.append([name, top1, params, macs, memory, train_speed, infer])
+        summary.append(dict(model=name, val_top1=top1, params=params, gmacs=macs, saved_mb=memory,
                             train_img_s=train_speed, infer_img_s=infer))  # fmt: skip
     say("")
     say(format_table(
-        ["model", "val top-1 %", "params", f"GFLOPs@{size}", f"MB saved (b{settings['batch']})", "train img/s",
+        ["model", "val top-1 %", "params", f"GMACs@{size}", f"MB saved (b{settings['batch']})", "train img/s",
          "infer img/s"], rows))  # fmt: skip
 
     say("\n2. resolution sweep: forward time (batch 1) and MB saved for backward (batch 2)")
@@ -205,7 +200,7 @@ def _run(settings: dict[str, Any], seed: int, output: Path, say) -> dict[str, An
         for s in sizes:
             ms = infer_ms(model, s, 1, settings["repeats"])
             mb = saved_mb(model, s, 2)  # batch 2: BatchNorm cannot train on a single 1x1 map
-            sweep.append(dict(model=name, size=s, pixels=s * s, forward_ms=ms, saved_mb=mb, gflops=gflops(model, s)))
+            sweep.append(dict(model=name, size=s, pixels=s * s, forward_ms=ms, saved_mb=mb, gmacs=gmacs(model, s)))
     sweep_rows = []
     slopes = {}
     for name in models:
@@ -214,24 +209,24 @@ def _run(settings: dict[str, Any], seed: int, output: Path, say) -> dict[str, An
         for r in mine:
             sweep_rows.append([name, f"{r['size']}x{r['size']}", r["pixels"] / base["pixels"], r["forward_ms"],
                                r["forward_ms"] / base["forward_ms"], r["saved_mb"], r["saved_mb"] / base["saved_mb"],
-                               r["gflops"]])  # fmt: skip
+                               r["gmacs"]])  # fmt: skip
         # Slope over the top half of the sweep, where the attention term dominates the fixed costs.
         tail = mine[len(mine) // 2 :] if len(mine) > 2 else mine
         px = [r["pixels"] for r in tail]
         slopes[name] = dict(
             time=_slope(px, [r["forward_ms"] for r in tail]),
             memory=_slope(px, [r["saved_mb"] for r in tail]),
-            gflops=_slope(px, [r["gflops"] for r in tail]),
+            gmacs=_slope(px, [r["gmacs"] for r in tail]),
         )
-    say(format_table(["model", "input", "pixels x", "fwd ms", "time x", "MB saved", "memory x", "GFLOPs"],
+    say(format_table(["model", "input", "pixels x", "fwd ms", "time x", "MB saved", "memory x", "GMACs"],
                      sweep_rows))  # fmt: skip
     say("growth exponents (log-log slope vs pixel count over the larger sizes; 1 = linear, 2 = quadratic):")
     for name, slope in slopes.items():
-        say(f"  {name}: time {slope['time']:.2f}, memory {slope['memory']:.2f}, FLOPs {slope['gflops']:.2f}")
+        say(f"  {name}: time {slope['time']:.2f}, memory {slope['memory']:.2f}, GMACs {slope['gmacs']:.2f}")
     if slopes[list(models)[1]]["memory"] < 1.5:
         say(
             "  note: the twin's global attention runs through fused scaled_dot_product_attention, which keeps no "
-            "N x N matrix for backward, so its saved memory grows linearly here; its FLOPs and time are quadratic. "
+            "N x N matrix for backward, so its saved memory grows linearly here; its GMACs and time are quadratic. "
             "Implementations that materialise the attention matrix (as the official code does) also grow "
             "quadratically in memory."
         )

@@ -388,3 +388,51 @@ def test_ddp_worker_script_registers_our_layers(trained, tmp_path):
         assert "worker ok" in result.stdout
     finally:
         dist.ddp_cleanup(trainer, str(script))
+
+
+# ------------------------------------------------------------------------------------------------ FLOP counts
+
+
+def _hand_count(block: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds from each conv's and attention layer's shapes, read off hooks during one forward."""
+    macs = []
+
+    def conv(module, inputs, output):
+        macs.append(
+            output.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        )
+
+    def attention(module, inputs):
+        batch, channels, height, width = inputs[0].shape
+        tokens = height * width
+        products = 2 * tokens * channels * (module.kernel_size**2 if isinstance(module, MSDA) else tokens)
+        macs.append(batch * (tokens * 4 * channels * channels + products))  # qkv, proj, q.k and p.v
+
+    handles = [m.register_forward_hook(conv) for m in block.modules() if isinstance(m, torch.nn.Conv2d)]
+    handles += [m.register_forward_pre_hook(attention) for m in _layers(block, (MSDA, GlobalAttn))]
+    with torch.no_grad():
+        block.eval()(x)
+    for handle in handles:
+        handle.remove()
+    return sum(macs)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: MSDA(32),
+        lambda: GlobalAttn(32),
+        lambda: C2f_MSDA(32, 48, n=2, shortcut=True),
+        lambda: C2PSA_MSDA(32, 32, n=2),
+    ],
+    ids=["MSDA", "GlobalAttn", "C2f_MSDA", "C2PSA_MSDA"],
+)
+def test_flop_counter_counts_the_layers_by_hand_on_cpu_and_on_meta(build):
+    from dilateformer.analysis.measure import count_macs
+
+    torch.manual_seed(0)
+    block = build()
+    x = torch.randn(1, 32, 8, 12)
+    expected = _hand_count(block, x)
+    assert len(_layers(block, (MSDA, GlobalAttn))) >= 1
+    assert count_macs(block, x) == count_macs(block, x, on_meta=True) == expected
