@@ -124,7 +124,11 @@ def msda_forward_kernel(
     channel = tl.arange(0, BLOCK_D)
     channel_mask = channel < HEAD_DIM
     mask = in_range[:, None] & channel_mask[None, :]
-    q = tl.load(q_ptr + _input_offsets(batch, row, column, head, stride_b, stride_y, stride_x, stride_h, channel), mask=mask, other=0.0)
+    q = tl.load(
+        q_ptr + _input_offsets(batch, row, column, head, stride_b, stride_y, stride_x, stride_h, channel),
+        mask=mask,
+        other=0.0,
+    )
     q = q.to(tl.float32) * scale
 
     # Online softmax over the k*k slots. Slot 0 always has a key (a zero one at worst), so the running maximum is
@@ -187,7 +191,11 @@ def msda_backward_queries_kernel(
     dilation = tl.load(dilation_ptr + head // per_group)
     channel = tl.arange(0, BLOCK_D)
     mask = in_range[:, None] & (channel < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + _input_offsets(batch, row, column, head, stride_b, stride_y, stride_x, stride_h, channel), mask=mask, other=0.0)
+    q = tl.load(
+        q_ptr + _input_offsets(batch, row, column, head, stride_b, stride_y, stride_x, stride_h, channel),
+        mask=mask,
+        other=0.0,
+    )
     q = q.to(tl.float32)
     flat = _flat_offsets(batch, row, column, head, height, width, heads)
     own = flat[:, None] * HEAD_DIM + channel[None, :]
@@ -263,10 +271,14 @@ def msda_backward_keys_kernel(
                 query_row = tl.minimum(first_row + i * dilation, height - 1)
                 query_col = tl.minimum(first_col + j * dilation, width - 1)
                 query_mask = mask & valid[:, None]
-                offsets = _input_offsets(batch, query_row, query_col, head, stride_b, stride_y, stride_x, stride_h, channel)
+                offsets = _input_offsets(
+                    batch, query_row, query_col, head, stride_b, stride_y, stride_x, stride_h, channel
+                )
                 q = tl.load(q_ptr + offsets, mask=query_mask, other=0.0).to(tl.float32)
                 flat = _flat_offsets(batch, query_row, query_col, head, height, width, heads)
-                grad_out = tl.load(grad_out_ptr + flat[:, None] * HEAD_DIM + channel[None, :], mask=query_mask, other=0.0)
+                grad_out = tl.load(
+                    grad_out_ptr + flat[:, None] * HEAD_DIM + channel[None, :], mask=query_mask, other=0.0
+                )
                 grad_out = grad_out.to(tl.float32)
                 lse = tl.load(lse_ptr + flat, mask=valid, other=0.0)
                 delta = tl.load(delta_ptr + flat, mask=valid, other=0.0)
