@@ -39,11 +39,12 @@ def _axis_key(query, slot, length, dilation, K: tl.constexpr, ZERO: tl.constexpr
         position = query + (slot - radius) * dilation
         valid = (position >= 0) & (position < length)
         return tl.minimum(tl.maximum(position, 0), length - 1), valid
-    residue = query % dilation
-    grid_len = (length - residue + dilation - 1) // dilation
-    start = tl.minimum(tl.maximum(query // dilation - radius, 0), tl.maximum(grid_len - K, 0))
-    index = start + slot
-    return residue + tl.minimum(index, grid_len - 1) * dilation, index < grid_len
+    else:
+        residue = query % dilation
+        grid_len = (length - residue + dilation - 1) // dilation
+        start = tl.minimum(tl.maximum(query // dilation - radius, 0), tl.maximum(grid_len - K, 0))
+        index = start + slot
+        return residue + tl.minimum(index, grid_len - 1) * dilation, index < grid_len
 
 
 @triton.jit
@@ -60,14 +61,15 @@ def _axis_queries(key, slot, length, dilation, K: tl.constexpr, ZERO: tl.constex
         position = key - (slot - radius) * dilation
         valid = (position >= 0) & (position < length)
         return tl.minimum(tl.maximum(position, 0), length - 1), valid.to(tl.int32)
-    residue = key % dilation
-    grid_len = (length - residue + dilation - 1) // dilation
-    last = tl.maximum(grid_len - K, 0)
-    start = key // dilation - slot
-    low = tl.where(start == 0, 0, start + radius)
-    high = tl.where(start == last, grid_len - 1, start + radius)
-    count = tl.where((start >= 0) & (start <= last), high - low + 1, 0)
-    return residue + low * dilation, count
+    else:
+        residue = key % dilation
+        grid_len = (length - residue + dilation - 1) // dilation
+        last = tl.maximum(grid_len - K, 0)
+        start = key // dilation - slot
+        low = tl.where(start == 0, 0, start + radius)
+        high = tl.where(start == last, grid_len - 1, start + radius)
+        count = tl.where((start >= 0) & (start <= last), high - low + 1, 0)
+        return residue + low * dilation, count
 
 
 @triton.jit
