@@ -107,8 +107,8 @@ def multi_scale_dilated_attention(
             with logit 0. ``"clamp"`` (the NATTEN/DiNAT convention): the window slides inward at the borders so
             every query sees k*k real keys of its own dilation sub-grid (the whole sub-grid where it is shorter).
         backend: ``"auto"`` picks the fastest backend for the tensors' device when the kernel runs (``"native"``
-            on CPU, ``"compiled"`` on CUDA, ``"eager"`` where neither can run), so traced and exported graphs
-            carry no backend choice. A name from ``BACKEND_NAMES`` forces one (so does
+            on CPU, ``"triton"`` on CUDA, ``"compiled"`` for CUDA float64, ``"eager"`` where none can run), so
+            traced and exported graphs carry no backend choice. A name from ``BACKEND_NAMES`` forces one (so does
             :func:`dilateformer.use_backend`), and a forced backend that cannot run raises ValueError.
 
     Returns:

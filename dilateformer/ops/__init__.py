@@ -4,6 +4,7 @@
 - ``eager``: shifted views with a hand-derived backward; plain PyTorch ops, no compiler.
 - ``native``: one-pass C kernels for CPU tensors, built once per machine at first use (about 12 s).
 - ``compiled``: the eager kernels fused by torch.compile (C++ on CPU, Triton on CUDA).
+- ``triton``: hand-written Triton kernels for CUDA tensors; float32, float16 and bfloat16 only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from dilateformer.ops.eager import msda_eager
 from dilateformer.ops.native import msda_native
 from dilateformer.ops.native import unavailable_reason as _native_unavailable
 from dilateformer.ops.reference import msda_reference
+from dilateformer.ops.triton import DTYPES as _TRITON_DTYPES
+from dilateformer.ops.triton import msda_triton
+from dilateformer.ops.triton import unavailable_reason as _triton_unavailable
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class Backend:
     name: str
     fn: Callable[..., torch.Tensor]
     unavailable_reason: Callable[[torch.device], str | None]
+    dtypes: tuple[torch.dtype, ...] | None = None
+    """The floating dtypes it runs, or None for all of them."""
 
 
 def _always_available(device: torch.device) -> str | None:
@@ -38,4 +44,5 @@ BACKENDS: dict[str, Backend] = {
     "eager": Backend("eager", msda_eager, _always_available),
     "native": Backend("native", msda_native, _native_unavailable),
     "compiled": Backend("compiled", msda_compiled, _compiled_unavailable),
+    "triton": Backend("triton", msda_triton, _triton_unavailable, _TRITON_DTYPES),
 }

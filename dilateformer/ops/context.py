@@ -12,7 +12,7 @@ import torch
 from dilateformer.ops import BACKENDS
 
 BACKEND_NAMES = ("auto", *BACKENDS)
-AUTO_ORDER = {"cpu": ("native", "eager"), "cuda": ("compiled", "eager")}
+AUTO_ORDER = {"cpu": ("native", "eager"), "cuda": ("triton", "compiled", "eager")}
 _ENV_VAR = "DILATEFORMER_BACKEND"
 _state = threading.local()
 
@@ -55,10 +55,18 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
         # Fastest first, measured by benchmarks/bench_msda.py. Under an outer torch.compile or torch.export the
         # op stays one opaque node, and the chosen kernels still run inside it.
         for candidate in AUTO_ORDER.get(device.type, ()):
-            if BACKENDS[candidate].unavailable_reason(device) is None:
+            if _runs_dtype(candidate, dtype) and BACKENDS[candidate].unavailable_reason(device) is None:
                 return candidate
         return "eager"
     reason = BACKENDS[name].unavailable_reason(device)
     if reason is not None:
         raise ValueError(f"MSDA backend {name!r} is not available on {device.type}: {reason}")
+    if not _runs_dtype(name, dtype):
+        supported = ", ".join(str(d).removeprefix("torch.") for d in BACKENDS[name].dtypes or ())
+        raise ValueError(f"MSDA backend {name!r} runs {supported}, got {dtype}; backend='auto' picks one that runs it")
     return name
+
+
+def _runs_dtype(name: str, dtype: torch.dtype) -> bool:
+    dtypes = BACKENDS[name].dtypes
+    return dtypes is None or dtype in dtypes
