@@ -146,7 +146,7 @@ def multi_scale_dilated_attention(
             scale = float(head_dim**-0.5)
         elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        empty = q.numel() == 0
+        empty = bool(q.numel() == 0)
     if empty:
         # Empty batch (or zero-width image): nothing to attend to, and still differentiable.
         return q * 0 + k.sum() * 0 + v.sum() * 0
