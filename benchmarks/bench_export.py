@@ -5,15 +5,17 @@
 
 Exports with the standard ``torch.onnx.export`` calls (``dynamo=True`` with dynamic batch, height and width, and the
 TorchScript-based ``dynamo=False`` with dynamic axes), then reports each file's node count, its most frequent op
-types, and the median forward time of onnxruntime (CPU provider) next to PyTorch eager in the same run, with the
-largest difference between their outputs. Needs ``pip install dilateformer[export]``.
+types, and the median forward time of onnxruntime (CPU provider) next to PyTorch eager, timed in interleaved
+rounds, with the largest difference between their outputs. Needs ``pip install dilateformer[export]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import onnx
@@ -22,7 +24,7 @@ import timm
 import torch
 
 import dilateformer  # noqa: F401  (registers the models)
-from dilateformer.analysis.measure import format_table, median_ms
+from dilateformer.analysis.measure import format_table
 
 
 def export(model: torch.nn.Module, x: torch.Tensor, path: Path, dynamo: bool) -> None:
@@ -51,8 +53,8 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.size, args.size)
     with torch.no_grad():
         expected = model(x)
-        eager_ms = median_ms(lambda: model(x), repeats=args.repeats)
-    rows, histograms = [["PyTorch eager", "-", eager_ms, 1.0, 0.0]], []
+    runs = {"PyTorch eager": torch.no_grad()(lambda: model(x))}
+    rows, histograms = {"PyTorch eager": ["-", 0.0]}, []
     with tempfile.TemporaryDirectory() as folder:
         for dynamo in (True, False):
             label = f"onnxruntime, dynamo={dynamo}"
@@ -62,15 +64,28 @@ def main() -> None:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             feed = {session.get_inputs()[0].name: x.numpy()}
             (actual,) = session.run(None, feed)
-            ms = median_ms(lambda session=session, feed=feed: session.run(None, feed), repeats=args.repeats)
-            error = float(abs(torch.from_numpy(actual) - expected).max())
-            rows.append([label, sum(ops.values()), ms, ms / eager_ms, error])
+            runs[label] = lambda session=session, feed=feed: session.run(None, feed)
+            rows[label] = [sum(ops.values()), float(abs(torch.from_numpy(actual) - expected).max())]
             histograms.append([label, ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))])
+    # Interleaved rounds: on a shared machine whose speed drifts, every runtime sees the same conditions.
+    times = {label: [] for label in runs}
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(args.repeats):
+        for label, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append((time.perf_counter() - start) * 1e3)
+    eager_ms = statistics.median(times["PyTorch eager"])
+    table = []
+    for label, (nodes, error) in rows.items():
+        ms = statistics.median(times[label])
+        table.append([label, nodes, ms, ms / eager_ms, error])
     print(
         f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, onnxruntime {ort.__version__}"
     )
-    print(format_table(["runtime", "ONNX nodes", "median ms", "x eager", "max abs diff"], rows))
+    print(format_table(["runtime", "ONNX nodes", "median ms", "x eager", "max abs diff"], table))
     print()
     print(format_table(["file", f"top {args.top} op types"], histograms))
 
