@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from dilateformer.ops import BACKENDS
 from dilateformer.ops.context import BACKEND_NAMES, default_backend, select_backend, use_backend
+from dilateformer.ops.decomposition import msda_decomposed
 from dilateformer.ops.neighborhood import BORDERS
 
 __all__ = ["multi_scale_dilated_attention", "use_backend", "BACKEND_NAMES", "BORDERS"]
@@ -78,6 +81,18 @@ def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.
     return tuple(t.to(dtype) if t.dtype in _AUTOCAST_DTYPES else t for t in (q, k, v))
 
 
+@contextlib.contextmanager
+def _quiet_at_trace_time() -> Iterator[None]:
+    """Under torch.jit.trace sizes are traced tensors, and each check on them warns that the trace keeps its
+    verdict as a constant. That is intended: the checks hold for the traced input and compute nothing."""
+    if not torch.jit.is_tracing():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
 def multi_scale_dilated_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -118,21 +133,28 @@ def multi_scale_dilated_attention(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     q, k, v = _autocast(q, k, v)
-    _check_tensors(q, k, v)
-    kernel_size = check_kernel_size(kernel_size)
-    dilations = check_dilations(dilations)
-    border = check_border(border)
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-    num_heads, head_dim = q.shape[3], q.shape[4]
-    check_heads_divisible(num_heads, dilations, what="q's heads (dim 3)")
-    if scale is None:
-        scale = head_dim**-0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if q.numel() == 0:
+    with _quiet_at_trace_time():
+        _check_tensors(q, k, v)
+        kernel_size = check_kernel_size(kernel_size)
+        dilations = check_dilations(dilations)
+        border = check_border(border)
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        num_heads, head_dim = q.shape[3], q.shape[4]
+        check_heads_divisible(num_heads, dilations, what="q's heads (dim 3)")
+        if scale is None:
+            scale = float(head_dim**-0.5)
+        elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        empty = bool(q.numel() == 0)
+    if empty:
         # Empty batch (or zero-width image): nothing to attend to, and still differentiable.
         return q * 0 + k.sum() * 0 + v.sum() * 0
+    if torch.jit.is_tracing():
+        # A TorchScript trace (torch.onnx.export(dynamo=False), OpenVINO, YOLO's torchscript export) cannot hold
+        # the custom op and stay loadable without dilateformer: trace the pure-ATen form instead.
+        out, _ = msda_decomposed(q, k, v, kernel_size, list(dilations), float(scale), border)
+        return out
     requested = default_backend() if backend == "auto" else backend
     if requested == "auto":
         # Resolved inside the op when it runs, so a traced or exported graph carries no backend choice.

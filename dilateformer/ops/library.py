@@ -1,10 +1,13 @@
 """MSDA as one PyTorch operator: ``torch.ops.dilateformer.msda_forward`` and ``msda_backward``.
 
 Registering the op with ``torch.library`` makes it a single node for autograd, FLOP counters, ``torch.export`` and
-``torch.compile(fullgraph=True)``. The kernels behind it are chosen by the ``impl`` argument, from the table that
-the eager and compiled backends fill in with :func:`register_impl`. ``impl="auto"`` is resolved when the kernel
-runs, from the tensors' device, so a graph that holds the op (``torch.export``, ``torch.compile``) holds no backend
-choice: the same program runs the native kernels on CPU and the CUDA kernels on a GPU.
+``torch.compile(fullgraph=True)``. While exporting, its CompositeImplicitAutograd kernel is the pure-ATen
+:func:`~dilateformer.ops.decomposition.msda_decomposed`, which ``ExportedProgram.run_decompositions()`` and
+``torch.onnx.export`` substitute, so exported files need no dilateformer to run. The kernels behind it are
+chosen by the ``impl`` argument, from the table that the eager and compiled backends fill in with
+:func:`register_impl`. ``impl="auto"`` is resolved when the kernel runs, from the tensors' device, so a graph that
+holds the op (``torch.export``, ``torch.compile``) holds no backend choice: the same program runs the native
+kernels on CPU and the CUDA kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from dilateformer.ops.decomposition import register_export_decomposition
 from dilateformer.ops.kernels import compute_dtype
 
 ForwardKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -89,3 +93,4 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 msda_forward.register_autograd(_backward, setup_context=_setup_context)
+register_export_decomposition(torch.ops.dilateformer.msda_forward.default)

@@ -21,10 +21,14 @@ def _window_table_cpu(length: int, kernel_size: int, dilation: int, border: str)
         return _build_window_table(length, kernel_size, dilation, border)
 
 
-def _build_window_table(length: int, kernel_size: int, dilation: int, border: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _build_window_table(
+    length, kernel_size: int, dilation: int, border: str, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Tensor arithmetic on ``length`` only, so it may also be a symbolic size (torch.export) or a traced one
+    # (torch.jit.trace): the decomposition builds its tables here and they stay dynamic in the exported graph.
     radius = (kernel_size - 1) // 2
-    query = torch.arange(length).unsqueeze(1)
-    slot = torch.arange(kernel_size).unsqueeze(0)
+    query = torch.arange(length, device=device).unsqueeze(1)
+    slot = torch.arange(kernel_size, device=device).unsqueeze(0)
     if border == "zero":
         position = query + (slot - radius) * dilation
         valid = (position >= 0) & (position < length)
@@ -36,8 +40,8 @@ def _build_window_table(length: int, kernel_size: int, dilation: int, border: st
     start = torch.minimum((grid_pos - radius).clamp(min=0), (grid_len - kernel_size).clamp(min=0))
     grid_index = start + slot
     valid = grid_index < grid_len
-    position = residue + grid_index.clamp(max=grid_len - 1) * dilation
-    return position, valid.expand(length, kernel_size).clone()
+    position = residue + torch.minimum(grid_index, grid_len - 1) * dilation
+    return position, valid  # (length, kernel_size): grid_index broadcasts the query column over the slots
 
 
 def window_table(
