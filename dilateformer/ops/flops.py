@@ -115,11 +115,6 @@ def _jit_shape(value: Any) -> list[int]:
     return sizes
 
 
-def _fvcore_msda(inputs: list[Any], outputs: list[Any]) -> int:
-    # (q, k, v, kernel_size, dilations, scale, border, impl)
-    return msda_flops(_jit_shape(inputs[0]), inputs[3].toIValue()) // 2
-
-
 def _fvcore_sdpa(inputs: list[Any], outputs: list[Any]) -> int:
     # (q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return attention_flops(*(_jit_shape(v) for v in inputs[:3])) // 2
@@ -147,14 +142,14 @@ def _fvcore_einsum(inputs: list[Any], outputs: list[Any]) -> int:
 def fvcore_handles() -> dict[str, Callable[[list[Any], list[Any]], int]]:
     """Handles for ``fvcore.nn.FlopCountAnalysis(model, x).set_op_handle(**fvcore_handles())``.
 
-    fvcore traces the model with ``torch.jit.trace`` and counts multiply-adds per graph node. It has no formula
-    for ``dilateformer::msda_forward`` nor for ``aten::scaled_dot_product_attention``, which these supply in its
-    unit (multiply-adds). fvcore hooks every module, and a hook on an attention layer's ``attn_drop`` makes the
+    fvcore traces the model with ``torch.jit.trace`` and counts multiply-adds per graph node. Under tracing MSDA
+    runs as its ATen decomposition, whose two products are matmuls that fvcore counts itself; it has no formula
+    for ``aten::scaled_dot_product_attention``, which this supplies in its unit (multiply-adds). fvcore hooks every
+    module, and a hook on an attention layer's ``attn_drop`` makes the
     layer compute explicit probabilities, with einsums (MSDA) and matmuls (global attention), so the einsum
     handle here replaces fvcore's for two-operand equations, which it rounds to 4 significant digits.
     """
     return {
-        "dilateformer::msda_forward": _fvcore_msda,
         "aten::scaled_dot_product_attention": _fvcore_sdpa,
         "aten::einsum": _fvcore_einsum,
     }
