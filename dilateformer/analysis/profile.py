@@ -61,7 +61,9 @@ def parse_sizes(text: str) -> list[int]:
     for part in text.split(","):
         part = part.strip()
         if not part.isdigit() or not 1 <= int(part) <= MAX_SIZE:
-            raise InputError(f"--sizes takes integers 1..{MAX_SIZE} separated by commas, e.g. 224,512; got {text!r}")
+            raise InputError(
+                f"--sizes takes positive integers up to {MAX_SIZE} separated by commas, e.g. 224,512; got {text!r}"
+            )
         sizes.append(int(part))
     return sizes
 

@@ -87,16 +87,16 @@ def load_file_into(
         raise CLIError(f"{flag} {path} does not exist")
     try:
         state = load_checkpoint_file(path)
-        own = model.state_dict()
+        own = {k: v.shape for k, v in model.state_dict().items()}
+        load_into(model, state, strict=strict, source=str(path))  # mismatches outside the head are named first
         if not new_head_ok:
             for key, value in state.items():
-                if key.startswith("head.") and key in own and own[key].shape != value.shape:
+                if key.startswith("head.") and key in own and own[key] != value.shape:
                     raise CLIError(
                         f"{flag} {path}: its classifier {key} is {tuple(value.shape)}, this model's "
-                        f"{tuple(own[key].shape)} (the class count differs) and all keys must fit; "
+                        f"{tuple(own[key])} (the class count differs) and all keys must fit; "
                         "to fine-tune with a new head use --pretrained --pretrained-path FILE instead"
                     )
-        load_into(model, state, strict=strict, source=str(path))
     except ValueError as error:
         raise CLIError(one_line(str(error))) from None
 
