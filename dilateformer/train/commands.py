@@ -351,7 +351,7 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             # Another rank stopped (its one-line error is above); gloo's traceback here would only bury it.
             print(
                 f"dilateformer {args.command}: error: rank {rank} stopped because another process failed "
-                f"({(str(error).splitlines() or [''])[0][:120]}); see that process's error above",
+                "(the connection to it closed); see that process's error above",
                 file=sys.stderr,
                 flush=True,
             )
