@@ -13,8 +13,15 @@ COMMAND_MODULES = (
 )
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with a bad flag value reported as one line (no usage block) that says where help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="dilateformer",
         description="Multi-Scale Dilated Attention and DilateFormer models: train, evaluate, explain and measure.",
     )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from dilateformer.ops import BACKENDS
@@ -17,7 +19,8 @@ __all__ = ["multi_scale_dilated_attention", "use_backend", "BACKEND_NAMES", "BOR
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    # numbers.Integral: numpy integers (e.g. from np.array([1, 2, 3])) are ints too.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_kernel_size(kernel_size) -> int:
@@ -29,6 +32,8 @@ def check_kernel_size(kernel_size) -> int:
 def check_dilations(dilations) -> tuple[int, ...]:
     if _is_int(dilations):
         dilations = (dilations,)
+    if isinstance(dilations, np.ndarray) and dilations.ndim == 1:
+        dilations = dilations.tolist()
     if not isinstance(dilations, Sequence) or isinstance(dilations, str):
         raise TypeError(f"dilations must be a sequence of ints, got {type(dilations).__name__}")
     if len(dilations) == 0:
@@ -38,7 +43,7 @@ def check_dilations(dilations) -> tuple[int, ...]:
             raise TypeError(f"every dilation must be an int, got {d!r} in dilations={tuple(dilations)!r}")
         if d < 1:
             raise ValueError(f"every dilation must be >= 1, got {d} in dilations={tuple(dilations)!r}")
-    return tuple(dilations)
+    return tuple(int(d) for d in dilations)
 
 
 def check_border(border) -> str:

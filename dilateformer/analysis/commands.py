@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_MODEL = "dilateformer_tiny"
+# Largest visualize --size: the figure and the model input grow with its square; above this a typo is likelier.
+MAX_VISUALIZE_SIZE = 4096
 
 
 class CommandError(Exception):
@@ -32,6 +35,16 @@ def _guarded(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[a
     return func
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -48,6 +61,14 @@ def _create_model(name: str, checkpoint: str | None):
     from dilateformer.analysis.visualize import create_registered_model
 
     model = create_registered_model(name)
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        # A training run directory, as eval and predict accept: its best weights, else its last.
+        found = [
+            Path(checkpoint) / n for n in ("best.safetensors", "last.safetensors") if (Path(checkpoint) / n).is_file()
+        ]
+        if not found:
+            raise CommandError(f"--checkpoint: {checkpoint} holds no best.safetensors or last.safetensors")
+        checkpoint = str(found[0])
     if checkpoint is not None:
         from dilateformer.models import load_checkpoint_file, load_into
 
@@ -70,8 +91,17 @@ def _run_visualize(args: argparse.Namespace) -> int:
         pick_msda_layer,
     )
 
-    if args.size < 1:
-        raise CommandError(f"--size must be a positive number of pixels, got {args.size}")
+    if not 1 <= args.size <= MAX_VISUALIZE_SIZE:
+        raise CommandError(f"--size must be 1..{MAX_VISUALIZE_SIZE} pixels, got {args.size}")
+    suffix = Path(args.output).suffix.lstrip(".").lower()
+    if suffix:
+        from matplotlib.figure import Figure
+
+        supported = Figure().canvas.get_supported_filetypes()
+        if suffix not in supported:
+            raise CommandError(
+                f"--output {args.output}: unknown image format .{suffix}; use one of {sorted(supported)}"
+            )
     image = load_image(args.image)  # fail on the image before building any model
     queries = [parse_query(q) for q in args.query] if args.query else None
     model = _create_model(args.model, args.checkpoint)
@@ -107,8 +137,19 @@ def _add_visualize(subparsers) -> None:
         help="global attention from the global twin with this model's weights, at the same stage and block "
         "(default), or from this model's first global stage",
     )
-    p.add_argument("--size", type=int, default=224, help="shorter side of the model input in pixels (default 224)")
-    p.add_argument("--output", default="attention.png", help="PNG to write (default attention.png)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=224,
+        help=f"shorter side of the model input in pixels, 1..{MAX_VISUALIZE_SIZE} (default 224)",
+    )
+    p.add_argument(
+        "--output",
+        default="attention.png",
+        help="image to write; the format follows the suffix (default attention.png)",
+    )
+    # "--query -1,-1" is a (bad) value to report, not an unknown flag.
+    p._negative_number_matcher = re.compile(r"^-\d[\d.,\-]*$")
     p.set_defaults(func=_guarded("visualize", _run_visualize))
 
 
@@ -163,14 +204,18 @@ def _add_profile(subparsers) -> None:
         "and forward+backward ms. Writes a table, a JSON file and a log-log plot.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
-    p.add_argument("--sizes", default="224,384,512", help="square input sides, comma-separated (default 224,384,512)")
+    p.add_argument(
+        "--sizes", default="224,384,512", help="square input sides, 1..4096, comma-separated (default 224,384,512)"
+    )
     p.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
     p.add_argument("--no-timing", action="store_true", help="count GMACs and estimate memory only (seconds)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, median kept (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first, e.g. to compile (default 1)")
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="MSDA backend (default auto)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--memory-gb", type=float, help="memory a run may use (default 70%% of what is free now)")
+    p.add_argument(
+        "--memory-gb", type=_positive_float, help="memory a run may use, > 0 (default 70%% of what is free now)"
+    )
     p.add_argument(
         "--time-budget",
         type=float,

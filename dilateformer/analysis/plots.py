@@ -98,10 +98,10 @@ def loglog_figure(
 
 
 def save_figure(fig: Figure, output: str | Path) -> Path:
-    """Write ``fig`` as a PNG at its own size and dpi, creating parent folders, and close it."""
+    """Write ``fig`` at its own size and dpi (format from the suffix, PNG if none) and close it."""
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=fig.dpi, format="png")
+    fig.savefig(path, dpi=fig.dpi, format=path.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
     return path
 

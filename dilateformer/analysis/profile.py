@@ -50,13 +50,19 @@ class ProfileRow:
         return dataclasses.asdict(self)
 
 
+# Largest --sizes entry: a 4096x4096 input is already 200 MB before the model; bigger is a typo, not a profile.
+MAX_SIZE = 4096
+
+
 def parse_sizes(text: str) -> list[int]:
-    """``"224,512,1024"`` -> ``[224, 512, 1024]``; anything but positive ints is an :class:`InputError`."""
+    """``"224,512,1024"`` -> ``[224, 512, 1024]``; anything but ints in 1..MAX_SIZE is an :class:`InputError`."""
     sizes = []
     for part in text.split(","):
         part = part.strip()
-        if not part.isdigit() or int(part) < 1:
-            raise InputError(f"--sizes takes positive integers separated by commas, e.g. 224,512; got {text!r}")
+        if not part.isdigit() or not 1 <= int(part) <= MAX_SIZE:
+            raise InputError(
+                f"--sizes takes positive integers up to {MAX_SIZE} separated by commas, e.g. 224,512; got {text!r}"
+            )
         sizes.append(int(part))
     return sizes
 

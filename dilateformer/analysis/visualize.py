@@ -205,17 +205,20 @@ def pick_global_layer(model: nn.Module, twin: nn.Module | None, stage: int, bloc
 
 
 def load_image(path: str | Path):
-    """Open an image as RGB, with a one-line error for a missing or unreadable file."""
-    from PIL import Image, UnidentifiedImageError
+    """Open an image as 8-bit RGB, with a one-line error for a missing, unreadable or oversized file.
 
+    The training loader's rules apply: 16-bit and float images are scaled, images above
+    ``dilateformer.train.data.MAX_IMAGE_PIXELS`` are refused before decoding.
+    """
+    from dilateformer.train.data import CorruptImageError
+    from dilateformer.train.data import load_image as load_rgb8
+
+    if not Path(path).is_file():
+        raise InputError(f"image not found: {path}")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"image not found: {path}") from None
-    # ImportError: Ultralytics, once imported, patches Image.open with a HEIF fallback that may be missing.
-    except (UnidentifiedImageError, OSError, ImportError) as error:
-        raise InputError(f"cannot read image {path}: {error}") from None
+        return load_rgb8(path)
+    except CorruptImageError as error:
+        raise InputError(str(error)) from None
 
 
 def model_input_size(image_hw: tuple[int, int], size: int) -> tuple[int, int]:

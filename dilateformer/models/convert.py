@@ -120,17 +120,38 @@ def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False) -> dict
             with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"refused to load {str(path)!r}: its pickle needs something that a weights-only load refuses "
-                f"(only tensors, containers and {[c.__qualname__ for c in SAFE_GLOBALS]} are accepted). "
-                f"Detail: {str(err).splitlines()[0]}"
-            ) from err
+            raise ValueError(unpickling_refusal(path, err)) from err
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
             raise ValueError(f"{str(path)!r} is not a readable checkpoint (corrupt or truncated?): {err}") from err
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
+            # Bytes that are not a pickle at all (a text file named .pth) trip the unpickler in odd places.
+            raise ValueError(
+                f"{str(path)!r} is not a checkpoint (not a torch.save file; the unpickler hit {type(err).__name__})"
+            ) from err
     try:
         return convert_official_checkpoint(obj, use_ema=use_ema)
     except TypeError as err:
         raise ValueError(f"{str(path)!r} does not hold a state dict: {err}") from err
+
+
+def unpickling_refusal(path: str | os.PathLike, error: BaseException) -> str:
+    """One line for a pickle that a weights-only load refused: the blocked global, or "not a checkpoint".
+
+    torch's own text suggests ``weights_only=False``, which would run the code the file asks for; it is not quoted.
+    """
+    text = str(error)
+    blocked = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported global: ([\w.]+)", text)
+    if blocked:
+        return (
+            f"refused to load {str(path)!r}: its pickle asks to call {blocked.group(1)}, which a weights-only load "
+            f"never runs (only tensors, containers and {[c.__qualname__ for c in SAFE_GLOBALS]} are accepted); "
+            "if you trust where it came from, re-save its state dict as .safetensors there"
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", text, flags=re.S)
+    if detail:
+        reason = " ".join(detail.group(1).split())[:200]
+        return f"refused to load {str(path)!r}: its pickle uses what a weights-only load does not accept ({reason})"
+    return f"{str(path)!r} is not a checkpoint (not a torch.save file)"
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -249,8 +270,11 @@ def save_weights(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; weights files are for sharing
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -50,6 +50,8 @@ def to_channels_last(x: torch.Tensor, dim: int, layout: str, owner: str) -> torc
         raise TypeError(f"{owner} expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{owner} expects a 4-D input ({layout.upper()}), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner} expects a real floating-point input, got {x.dtype}")
     channel_axis = 1 if layout == "nchw" else 3
     if x.shape[channel_axis] != dim:
         other = 3 if layout == "nchw" else 1

@@ -15,9 +15,12 @@ the complete state temp with the new generation and finishes the rename (roll fo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import shutil
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,8 @@ from dilateformer.train.errors import CLIError
 WEIGHTS_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".state.pt"
 TMP_SUFFIX = ".tmp"
+# Fault injection for the tests: SIGKILL this process once the temp of the file with this name is written.
+KILL_AFTER_TEMP_ENV = "DILATEFORMER_TEST_KILL_AFTER_TEMP"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -48,16 +53,48 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic_bytes_via(writer, path: Path) -> Path:
-    """Run ``writer(tmp_path)`` then fsync the temp; returns the temp path (not yet renamed)."""
+    """Run ``writer(tmp_path)`` then fsync the temp; returns the temp path (not yet renamed).
+
+    A failed write (a full disk, a file-size limit) removes the partial temp and raises a one-line
+    :class:`CLIError`: the committed file is untouched.
+    """
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    writer(tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
+    try:
+        writer(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+    except (OSError, RuntimeError, SafetensorError) as error:
+        tmp.unlink(missing_ok=True)
+        raise CLIError(_write_failure(path, error)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     # safetensors creates its file 0600; give checkpoints the usual permissions so a team can share runs.
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
+    if os.environ.get(KILL_AFTER_TEMP_ENV) == path.name:
+        os.kill(os.getpid(), signal.SIGKILL)
     return tmp
+
+
+def _write_failure(path: Path, error: BaseException) -> str:
+    """One line for a failed checkpoint write; torch and safetensors wrap the OS error in C++/Rust text."""
+    code = getattr(error, "errno", None)
+    text = str(error)
+    for candidate in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+        if code == candidate or os.strerror(candidate).lower() in text.lower():
+            code = candidate
+            break
+    reason = os.strerror(code) if code else (text.splitlines() or [type(error).__name__])[0][:200]
+    try:
+        free = f", {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    return (
+        f"cannot save {path} ({reason}{free}); the previous checkpoint is intact, nothing partial was left: "
+        "free some space (or raise the file-size limit) and resume with --resume"
+    )
 
 
 def _state_dict_for_safetensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -151,10 +188,17 @@ def save_last(
 
 
 def _torch_load(path: Path) -> dict[str, Any]:
+    import pickle
+
+    from dilateformer.models.convert import unpickling_refusal
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CLIError(f"cannot read training state {path} ({type(error).__name__}: {error})") from None
+    except pickle.UnpicklingError as error:
+        raise CLIError(f"--resume: {unpickling_refusal(path, error)}") from None
+    except Exception as error:  # noqa: BLE001 - any other failure means the same thing to the user
+        first = (str(error).splitlines() or [""])[0][:200]
+        raise CLIError(f"cannot read training state {path} ({type(error).__name__}: {first})") from None
 
 
 def find_last(path: str | os.PathLike) -> Path:

@@ -26,6 +26,11 @@ RESUME_AUTO = "auto"
 # Argument parsing
 
 
+# Largest --img-size: at 4096 px one float32 RGB input is 200 MB and a DilateFormer-Tiny forward needs tens of GB;
+# a larger value is a typo far more often than a plan, and it would end in the kernel's OOM kill with no message.
+MAX_IMG_SIZE = 4096
+
+
 def _float_pair(text: str) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in text.split(","))
@@ -44,6 +49,97 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _ranged(kind: type, low: float | None = None, high: float | None = None, *, low_open=False, high_open=False):
+    """An argparse ``type=`` that accepts ``kind`` values in a range, finite only, and says the range if not."""
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    wanted = f"{'an integer' if kind is int else 'a number'}{' ' + ' and '.join(parts) if parts else ''}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        bad = value != value or value in (float("inf"), float("-inf"))
+        bad = bad or (low is not None and (value <= low if low_open else value < low))
+        bad = bad or (high is not None and (value >= high if high_open else value > high))
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    parse.range_text = " and ".join(parts) or "any finite value"
+    return parse
+
+
+_IMG_SIZE = _ranged(int, 1, MAX_IMG_SIZE)
+_FRACTION = _ranged(float, 0, 1)
+_NON_NEGATIVE = _ranged(float, 0)
+_POSITIVE = _ranged(float, 0, low_open=True)
+
+
+def _device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, checked against the devices this machine has."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has no usable CUDA GPU; use cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but there are only {count} GPU(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _choice_from(what: str, names: Callable[[], list[str]]):
+    """An argparse ``type=`` for a timm component name, with the closest names as a hint."""
+
+    def parse(text: str) -> str:
+        import difflib
+
+        known = names()
+        if text.lower() in known:
+            return text.lower()
+        close = difflib.get_close_matches(text.lower(), known, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; one of {', '.join(sorted(known)[:12])}, ..."
+        raise argparse.ArgumentTypeError(f"unknown {what} {text!r}{hint}")
+
+    return parse
+
+
+def _optimizer_names() -> list[str]:
+    from timm.optim import list_optimizers
+
+    return list(list_optimizers())
+
+
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly")
+
+
+def _auto_augment(text: str) -> str:
+    """A timm auto-augment policy, checked by building it (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, ...)."""
+    if text.lower() in ("", "none", "off"):
+        return text
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=text)
+    except Exception as error:  # noqa: BLE001 - timm raises assertion, key and value errors for bad policies
+        raise argparse.ArgumentTypeError(
+            f"not a timm auto-augment policy: {text!r} ({type(error).__name__}: {error}); "
+            "e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, original, or none"
+        ) from None
+    return text
+
+
 def _add_data_args(parser: argparse.ArgumentParser, train: bool) -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
@@ -57,8 +153,12 @@ def _add_data_args(parser: argparse.ArgumentParser, train: bool) -> None:
         metavar="NAME",
         help="built-in offline dataset instead of --data-dir: 'digits' (scikit-learn's handwritten digits, upsampled)",
     )
-    group.add_argument("--img-size", type=_positive_int, metavar="N", help="input resolution (default: recipe/model)")
-    group.add_argument("--workers", "-j", type=int, metavar="N", help="data-loading worker processes")
+    group.add_argument(
+        "--img-size", type=_IMG_SIZE, metavar="N", help=f"input resolution, 1..{MAX_IMG_SIZE} (default: recipe/model)"
+    )
+    group.add_argument(
+        "--workers", "-j", type=_ranged(int, 0), metavar="N", help="data-loading worker processes (>= 0)"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -93,7 +193,12 @@ def _register_train(subparsers) -> None:
     m.add_argument(
         "--initial-checkpoint", metavar="FILE", help="load these weights (all keys must fit) before training"
     )
-    m.add_argument("--drop-path", type=float, metavar="P", help="stochastic depth rate [0.1; digits: 0]")
+    m.add_argument(
+        "--drop-path",
+        type=_ranged(float, 0, 1, high_open=True),
+        metavar="P",
+        help="stochastic depth rate, [0, 1) [0.1; digits: 0]",
+    )
     m.add_argument("--grad-checkpointing", action="store_true", default=None, help="recompute activations")
     m.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     o = p.add_argument_group("optimisation")
@@ -101,26 +206,52 @@ def _register_train(subparsers) -> None:
     o.add_argument(
         "-b", "--batch-size", type=_positive_int, metavar="N", help="batch size per process [128; digits 64]"
     )
-    o.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: --lr-base scaled by global batch)")
-    o.add_argument("--lr-base", type=float, metavar="LR", help="lr at --lr-base-size [1e-3]")
-    o.add_argument("--lr-base-size", type=int, metavar="N", help="global batch of --lr-base [1024; digits: 64]")
-    o.add_argument("--opt", metavar="NAME", help="timm optimizer [adamw]")
-    o.add_argument("--weight-decay", type=float, metavar="WD", help="[0.05]")
-    o.add_argument("--sched", metavar="NAME", help="timm scheduler [cosine]")
-    o.add_argument("--warmup-epochs", type=float, metavar="N", help="[10; digits: 2]")
-    o.add_argument("--warmup-lr", type=float, metavar="LR", help="[1e-6]")
-    o.add_argument("--min-lr", type=float, metavar="LR", help="[1e-5]")
-    o.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm [off]")
+    o.add_argument(
+        "--lr", type=_POSITIVE, metavar="LR", help="learning rate, > 0 (default: --lr-base scaled by global batch)"
+    )
+    o.add_argument("--lr-base", type=_POSITIVE, metavar="LR", help="lr at --lr-base-size, > 0 [1e-3]")
+    o.add_argument(
+        "--lr-base-size", type=_positive_int, metavar="N", help="global batch of --lr-base, >= 1 [1024; digits: 64]"
+    )
+    o.add_argument(
+        "--opt",
+        type=_choice_from("optimizer", _optimizer_names),
+        metavar="NAME",
+        help="timm optimizer (timm.optim.list_optimizers()) [adamw]",
+    )
+    o.add_argument("--weight-decay", type=_NON_NEGATIVE, metavar="WD", help=">= 0 [0.05]")
+    o.add_argument(
+        "--sched",
+        type=_choice_from("scheduler", lambda: list(SCHEDULERS)),
+        metavar="NAME",
+        help=f"timm scheduler: {', '.join(SCHEDULERS)} [cosine]",
+    )
+    o.add_argument("--warmup-epochs", type=_NON_NEGATIVE, metavar="N", help=">= 0 [10; digits: 2]")
+    o.add_argument("--warmup-lr", type=_NON_NEGATIVE, metavar="LR", help=">= 0 [1e-6]")
+    o.add_argument("--min-lr", type=_NON_NEGATIVE, metavar="LR", help=">= 0 [1e-5]")
+    o.add_argument("--clip-grad", type=_POSITIVE, metavar="NORM", help="clip the gradient norm, > 0 [off]")
     o.add_argument("--amp", action="store_true", default=None, help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     a = p.add_argument_group("augmentation and regularisation (timm)")
-    a.add_argument("--aa", metavar="POLICY", help="auto-augment policy [rand-m9-mstd0.5-inc1; digits: none]")
-    a.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup alpha [0.8; digits: 0]")
-    a.add_argument("--cutmix", type=float, metavar="ALPHA", help="cutmix alpha [1.0; digits: 0]")
-    a.add_argument("--smoothing", type=float, metavar="EPS", help="label smoothing [0.1]")
-    a.add_argument("--reprob", type=float, metavar="P", help="random erasing probability [0.25; digits: 0]")
-    a.add_argument("--hflip", type=float, metavar="P", help="horizontal flip probability [0.5; digits: 0]")
+    a.add_argument(
+        "--aa",
+        type=_auto_augment,
+        metavar="POLICY",
+        help="timm auto-augment policy or none [rand-m9-mstd0.5-inc1; digits: none]",
+    )
+    a.add_argument("--mixup", type=_NON_NEGATIVE, metavar="ALPHA", help="mixup alpha, >= 0 [0.8; digits: 0]")
+    a.add_argument("--cutmix", type=_NON_NEGATIVE, metavar="ALPHA", help="cutmix alpha, >= 0 [1.0; digits: 0]")
+    a.add_argument(
+        "--smoothing", type=_ranged(float, 0, 1, high_open=True), metavar="EPS", help="label smoothing, [0, 1) [0.1]"
+    )
+    a.add_argument("--reprob", type=_FRACTION, metavar="P", help="random erasing probability, [0, 1] [0.25; digits: 0]")
+    a.add_argument("--hflip", type=_FRACTION, metavar="P", help="horizontal flip probability, [0, 1] [0.5; digits: 0]")
     a.add_argument("--model-ema", action="store_true", default=None, help="keep an EMA of the weights (timm)")
-    a.add_argument("--model-ema-decay", type=float, metavar="D", help="[0.99996; digits: 0.998]")
+    a.add_argument(
+        "--model-ema-decay",
+        type=_ranged(float, 0, 1, high_open=True),
+        metavar="D",
+        help="[0, 1) [0.99996; digits: 0.998]",
+    )
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, metavar="N", help="random seed; data order is a function of (seed, epoch) [42]")
     r.add_argument("--output", metavar="DIR", help="run directory [output/train/MODEL-DATASET]")
@@ -129,7 +260,7 @@ def _register_train(subparsers) -> None:
         metavar="PATH",
         help="continue a run: its directory or last.safetensors; 'auto' resumes --output if it holds a run",
     )
-    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    r.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto")
     r.add_argument("--log-interval", type=_positive_int, default=50, help="steps between log lines when not a TTY")
     p.set_defaults(func=_guarded(run_train))
 
@@ -147,7 +278,7 @@ def _register_eval(subparsers) -> None:
     _add_data_args(p, train=False)
     p.add_argument("-b", "--batch-size", type=_positive_int, default=64, metavar="N")
     p.add_argument("--amp", action="store_true", help="mixed precision")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=_guarded(run_eval))
 
 
@@ -163,8 +294,10 @@ def _register_predict(subparsers) -> None:
     p.add_argument("--model", metavar="NAME", help="model name, needed for checkpoints without our metadata")
     p.add_argument("--use-ema", action="store_true", help="official training checkpoints: use model_ema")
     p.add_argument("--topk", type=_positive_int, default=5, metavar="K")
-    p.add_argument("--img-size", type=_positive_int, metavar="N", help="input resolution (default: checkpoint's)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument(
+        "--img-size", type=_IMG_SIZE, metavar="N", help=f"input resolution, 1..{MAX_IMG_SIZE} (default: checkpoint's)"
+    )
+    p.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=_guarded(run_predict))
 
 
@@ -209,6 +342,20 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
         except KeyboardInterrupt:
             print(f"dilateformer {args.command}: interrupted", file=sys.stderr, flush=True)
             return 130
+        except RuntimeError as error:
+            from dilateformer.train.distributed import peer_failed
+
+            rank = peer_failed(error)
+            if rank is None:
+                raise
+            # Another rank stopped (its one-line error is above); gloo's traceback here would only bury it.
+            print(
+                f"dilateformer {args.command}: error: rank {rank} stopped because another process failed "
+                "(the connection to it closed); see that process's error above",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 2
         finally:
             from dilateformer.train.distributed import cleanup
 
@@ -287,7 +434,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from dilateformer.train import checkpoint as ckpt
     from dilateformer.train import distributed
-    from dilateformer.train.data import build_dataset, patch_rand_augment
+    from dilateformer.train.data import balance_warning, build_dataset, patch_rand_augment, summarize_skipped
     from dilateformer.train.engine import amp_dtype, evaluate, train_one_epoch
     from dilateformer.train.modeling import (
         create_model,
@@ -323,6 +470,9 @@ def run_train(args: argparse.Namespace) -> int:
             "or pick another --output"
         )
     config, notes = resolve_config(args, saved_state["config"] if saved_state else None)
+    if saved_state is not None:
+        for line in changed_on_resume(args, saved_state["config"]):
+            warn(line)
     if not config["dataset"] and not config["data_dir"]:
         raise CLIError("no data: pass --data-dir DIR (ImageFolder with train/ and val/) or --dataset digits")
     if info.is_main:
@@ -348,7 +498,7 @@ def run_train(args: argparse.Namespace) -> int:
         model_kwargs=model_kwargs,
     )
     if config["initial_checkpoint"] and saved_state is None:
-        load_file_into(model, config["initial_checkpoint"], strict=True)
+        load_file_into(model, config["initial_checkpoint"], strict=True, new_head_ok=False, flag="--initial-checkpoint")
     data_cfg = resolve_data_config({}, model=model)
     img_size = config["img_size"] or data_cfg["input_size"][-1]
     config["img_size"] = img_size
@@ -382,6 +532,12 @@ def run_train(args: argparse.Namespace) -> int:
     )
     train_set = build_dataset(config["dataset"] or "", config["data_dir"], "train", train_tf, img_size)
     val_set = build_dataset(config["dataset"] or "", config["data_dir"], "val", val_tf, img_size, classes=classes)
+    if info.is_main:
+        for line in (summarize_skipped(train_set.skipped + val_set.skipped) if hasattr(train_set, "skipped") else None,
+                     balance_warning(classes, _class_counts(train_set, len(classes)))):  # fmt: skip
+            if line:
+                warn(line)
+    check_input_size(model, img_size, info.device, config["model"])
     per_rank = len(train_set) // info.world_size
     batch_size = config["batch_size"]
     if per_rank < batch_size:
@@ -461,12 +617,25 @@ def run_train(args: argparse.Namespace) -> int:
         best_top1, best_epoch = saved_state["best_top1"], saved_state["best_epoch"]
         history = list(saved_state["history"])
         ckpt.set_rng_state(saved_state["rng"])
+        if info.is_main:
+            best_top1, best_epoch = _ensure_best(
+                output, best_top1, best_epoch, saved_state, weights, metadata_of(last_path)
+            )
+        if start_epoch >= num_epochs:
+            say(
+                f"{last_path} already finished all {num_epochs} epochs (best top-1 {best_top1:.2f}% at epoch "
+                f"{best_epoch + 1}); nothing to train: raise --epochs to train longer"
+            )
+            return 0
         say(f"resumed {last_path} at epoch {start_epoch + 1}/{num_epochs} (best top-1 {best_top1:.2f}%)")
 
     train_model = model
     if info.distributed:
+        # Gradients as views into the buckets: no copy per step, and no stride-mismatch warning for the
+        # parameters whose layout differs from the bucket's (the qkv 1x1 convs).
+        match_depthwise_grad_layout(model)
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None, gradient_as_bucket_view=True
         )
     if config["compile"]:
         train_model = torch.compile(train_model)
@@ -550,14 +719,13 @@ def run_train(args: argparse.Namespace) -> int:
                 "class_names": classes,
                 "rng": ckpt.rng_state(),
             }
-            ckpt.save_last(output, model.state_dict(), meta, state)
             if is_best:
+                # Best first, then last: a kill in between leaves last at the previous epoch, whose resume redoes
+                # this epoch and writes best again. The other order could commit a last that points at a best
+                # that was never written.
                 best_weights = unwrap(model_ema).state_dict() if model_ema else model.state_dict()
-                ckpt.save_weights(
-                    output / "best.safetensors",
-                    best_weights,
-                    {**meta, "val_top1": judged.top1, "weights": "ema" if model_ema else "model"},
-                )
+                ckpt.save_weights(output / "best.safetensors", best_weights, _best_meta(meta, judged.top1, model_ema))
+            ckpt.save_last(output, model.state_dict(), meta, state)
             _write_csv(output / "metrics.csv", history)
             if writer is not None:
                 for key, value in row.items():
@@ -575,8 +743,122 @@ def run_train(args: argparse.Namespace) -> int:
         )
     if writer is not None:
         writer.close()
-    say(f"done: best val top-1 {best_top1:.2f}% at epoch {best_epoch + 1}; weights {output / 'best.safetensors'}")
+    best_file = output / "best.safetensors"
+    if info.is_main and not best_file.exists():
+        raise CLIError(f"{best_file} is missing at the end of the run; resume with --resume {output} to rewrite it")
+    say(f"done: best val top-1 {best_top1:.2f}% at epoch {best_epoch + 1}; weights {best_file}")
     return 0
+
+
+def match_depthwise_grad_layout(model: torch.nn.Module) -> None:
+    """Give depthwise conv weights, shape (C, 1, k, k), the strides their gradients come back with.
+
+    The stride of a size-1 dimension is arbitrary, and the conv backward picks another one than the parameter
+    has; DDP then copies that gradient into its bucket every step and warns "Grad strides do not match bucket
+    view strides". Same values, same memory order: only the strides are made to agree.
+    """
+    for param in model.parameters():
+        if param.dim() == 4 and param.shape[1] == 1:
+            c, _, kh, kw = param.shape
+            strided = torch.empty_strided(param.shape, (kh * kw, 1, kw, 1), dtype=param.dtype, device=param.device)
+            param.data = strided.copy_(param.data)
+
+
+def warn(line: str) -> None:
+    print(f"dilateformer train: warning: {line}", file=sys.stderr, flush=True)
+
+
+def metadata_of(path: Path) -> dict[str, Any]:
+    from dilateformer.train.checkpoint import read_metadata
+
+    return read_metadata(path)
+
+
+def _best_meta(meta: dict[str, Any], top1: float, model_ema) -> dict[str, Any]:
+    return {**meta, "val_top1": top1, "weights": "ema" if model_ema else "model"}
+
+
+def _ensure_best(output: Path, best_top1: float, best_epoch: int, state, weights, last_meta) -> tuple[float, int]:
+    """On resume, make sure ``best.safetensors`` holds the best epoch the state records.
+
+    If it is missing (a save interrupted by an older version, or a deleted file) and the best epoch is the last
+    one saved, it is rewritten from ``last``'s weights; otherwise the best is chosen again from the epochs to come.
+    """
+    from dilateformer.train import checkpoint as ckpt
+
+    best_file = output / "best.safetensors"
+    if best_epoch < 0 or best_file.exists():
+        return best_top1, best_epoch
+    if best_epoch == state["epoch"]:
+        use_ema = state.get("ema") is not None
+        tensors = state["ema"] if use_ema else weights
+        meta = {k: v for k, v in last_meta.items() if k != "generation"}
+        ckpt.save_weights(best_file, tensors, {**meta, "val_top1": best_top1, "weights": "ema" if use_ema else "model"})
+        warn(f"{best_file} was missing; rewrote it from the saved epoch {best_epoch + 1} (top-1 {best_top1:.2f}%)")
+        return best_top1, best_epoch
+    warn(
+        f"{best_file} (epoch {best_epoch + 1}, top-1 {best_top1:.2f}%) is missing and cannot be rebuilt; "
+        "the best is chosen again from the epochs still to run"
+    )
+    return float("-inf"), -1
+
+
+# Settings that a resumed run cannot change (the saved weights or optimizer state would not fit them), and the
+# ones whose change is allowed but breaks exact reproduction of the uninterrupted run.
+RESUME_FIXED = ("model", "model_kwargs", "model_ema", "dataset")
+RESUME_INEXACT = {
+    "batch_size": "the learning rate and the data order change with it",
+    "workers": "the data order and augmentation draws change with it",
+    "img_size": "the transforms and the positional grid change with it",
+    "seed": "the data order changes with it",
+    "data_dir": "the samples are different",
+}
+
+
+def changed_on_resume(args: argparse.Namespace, saved: dict[str, Any]) -> list[str]:
+    """Warnings for explicit flags that differ from the resumed run's config; a CLIError for fixed ones."""
+    lines = []
+    for key in CONFIG_KEYS:
+        value = getattr(args, key, None)
+        if value is None or key not in saved:
+            continue
+        old = saved[key]
+        if isinstance(value, (list, tuple)) or isinstance(old, (list, tuple)):
+            value, old = list(value), list(old or [])
+        if value == old:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key in RESUME_FIXED:
+            raise CLIError(
+                f"--resume: the run used {flag} {old}, this command asks for {value}; that cannot change in a "
+                "resumed run (start a new run with another --output)"
+            )
+        why = RESUME_INEXACT.get(key, "the rest of the run differs from an uninterrupted one")
+        lines.append(f"resuming with {flag} {value} instead of the run's {old}: {why}; the result is not exact")
+    return lines
+
+
+def _class_counts(dataset, num_classes: int) -> list[int]:
+    labels = [s.label for s in dataset.samples] if hasattr(dataset, "samples") else list(dataset.targets)
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
+
+
+def check_input_size(model: torch.nn.Module, img_size: int, device: torch.device, name: str) -> None:
+    """One forward at ``img_size`` on a 1-image batch: a model of fixed input size fails here in one line."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size, device=device))
+    except (AssertionError, RuntimeError, ValueError) as error:
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise CLIError(
+            f"model {name} cannot take {img_size}x{img_size} input ({first}); pick another --img-size"
+        ) from None
+    except MemoryError:
+        raise CLIError(f"not enough memory for {name} at {img_size}x{img_size}; lower --img-size") from None
+    finally:
+        model.train(was_training)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -602,11 +884,19 @@ def _tensorboard(output: Path):
 
 
 def _resolve_checkpoint_file(path: str) -> Path:
+    from dilateformer.train.checkpoint import read_metadata
+
     target = Path(path)
     if target.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (target / name).exists():
-                return target / name
+        if (target / "best.safetensors").exists():
+            return target / "best.safetensors"
+        if (target / "last.safetensors").exists():
+            print(
+                f"dilateformer: note: {target} has no best.safetensors; using last.safetensors "
+                f"(epoch {read_metadata(target / 'last.safetensors').get('epoch', '?')})",
+                file=sys.stderr,
+            )
+            return target / "last.safetensors"
         raise CLIError(f"--checkpoint: {target} holds no best.safetensors or last.safetensors")
     if not target.exists():
         raise CLIError(f"--checkpoint: {target} does not exist")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,15 @@ from dilateformer.train.errors import CLIError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DIGITS_NAMES = [str(i) for i in range(10)]
+# Decompression-bomb guard: an image above this many pixels is refused before it is decoded. 8-bit RGB at this
+# size is 300 MB in memory (PIL's own limit, 89.5 MP, only warns and lets twice that through).
+MAX_IMAGE_PIXELS = 100_000_000
+# A class this many times larger than the smallest one gets a warning: the model may just learn the majority.
+IMBALANCE_WARNING_RATIO = 10
 
 
 class CorruptImageError(CLIError):
-    """An image file that PIL cannot decode; the message names its path."""
+    """An image file that PIL cannot decode, or one refused (too large, unsupported values); names its path."""
 
 
 @dataclass
@@ -41,7 +47,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     ):
         self.root = Path(root)
         self.transform = transform
-        found = scan_class_folders(self.root)
+        self.skipped: list[str] = []
+        found = scan_class_folders(self.root, self.skipped)
         if classes is not None and list(found) != list(classes):
             missing = sorted(set(classes) - set(found))
             extra = sorted(set(found) - set(classes))
@@ -61,11 +68,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform else image), sample.label
 
 
-def load_image(path: str) -> Image.Image:
-    """Open an image as RGB, or raise a one-line :class:`CorruptImageError` naming the file."""
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image as 8-bit RGB, or raise a one-line :class:`CorruptImageError` naming the file.
+
+    16-bit and 32-bit integer images are scaled from 0..65535 to 0..255, float images from [0, 1] (or an
+    8-bit range [0, 255]) to 0..255; values outside those ranges are refused rather than guessed. Palette,
+    grey+alpha, CMYK and other modes go through Pillow's RGB conversion. Images above ``max_pixels`` are refused
+    before decoding.
+    """
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise CorruptImageError(_too_large(path, f"{width}x{height}", max_pixels))
+                return to_rgb8(image, path)
+    except Image.DecompressionBombError:
+        raise CorruptImageError(_too_large(path, "over twice the limit", max_pixels)) from None
     # ImportError: once Ultralytics is imported it patches Image.open to fall back to a HEIF plugin that may be
     # missing, so an unreadable file surfaces as ModuleNotFoundError instead of UnidentifiedImageError.
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as error:
@@ -74,30 +94,110 @@ def load_image(path: str) -> Image.Image:
         ) from None
 
 
-def scan_class_folders(root: Path) -> dict[str, list[Path]]:
-    """Class name -> sorted image paths, with a clear error for a missing or empty dir or an empty class."""
+def _too_large(path, size: str, max_pixels: int) -> str:
+    return (
+        f"image {path} is {size} pixels, above the {max_pixels / 1e6:g}-megapixel limit (a guard against "
+        "decompression bombs); downscale it or remove it"
+    )
+
+
+def to_rgb8(image: Image.Image, path: str | os.PathLike = "image") -> Image.Image:
+    """``image`` as 8-bit RGB, with high-bit-depth values scaled (see :func:`load_image`), not clipped."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise CorruptImageError(f"image {path} ({image.mode}) holds NaN or infinite values; fix or remove it")
+        low, high = float(values.min()), float(values.max())
+        if image.mode == "F" and low >= 0 and high <= 1:
+            scale = 255.0
+        elif image.mode == "F" and low >= 0 and high <= 255:
+            scale = 1.0
+        elif image.mode != "F" and low >= 0 and high <= 65535:
+            scale = 255.0 / 65535.0
+        else:
+            expected = "[0, 1] or [0, 255]" if image.mode == "F" else "[0, 65535]"
+            raise CorruptImageError(
+                f"image {path} ({image.mode}) has values in [{low:g}, {high:g}], outside {expected}; "
+                "convert it to 8 or 16 bits per channel"
+            )
+        grey = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # a palette's transparent entry survives only through RGBA
+    return image.convert("RGB")
+
+
+def is_hidden(name: str) -> bool:
+    """Dot files and folders: .ipynb_checkpoints, .git, macOS ``._name`` AppleDouble files, .DS_Store."""
+    return name.startswith(".")
+
+
+def scan_class_folders(root: Path, skipped: list[str] | None = None) -> dict[str, list[Path]]:
+    """Class name -> sorted image paths, with a clear error for a missing or empty dir or an empty class.
+
+    Symlinks are followed, but each real folder is read once (a link back up the tree is a loop, not more data),
+    and hidden files and folders are skipped. What was skipped is appended to ``skipped``.
+    """
+    skipped = [] if skipped is None else skipped
     if not root.exists():
         raise CLIError(f"dataset directory {root} does not exist; pass --data-dir DIR with one folder per class")
     if not root.is_dir():
         raise CLIError(f"dataset path {root} is not a directory; pass --data-dir DIR with one folder per class")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    entries = sorted(d for d in root.iterdir() if d.is_dir())
+    skipped.extend(f"hidden folder {d}" for d in entries if is_hidden(d.name))
+    class_dirs = [d for d in entries if not is_hidden(d.name)]
     if not class_dirs:
         raise CLIError(f"dataset directory {root} has no class folders; put each class's images in {root}/CLASS/")
     found: dict[str, list[Path]] = {}
     for class_dir in class_dirs:
-        images = sorted(
-            Path(dirpath) / name
-            for dirpath, _, names in os.walk(class_dir, followlinks=True)
-            for name in names
-            if name.lower().endswith(IMG_EXTENSIONS)
-        )
+        images, seen = [], set()
+        for dirpath, dirnames, names in os.walk(class_dir, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                skipped.append(f"symlink loop {dirpath} (already read as {real})")
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            skipped.extend(f"hidden folder {Path(dirpath) / d}" for d in dirnames if is_hidden(d))
+            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+            for name in names:
+                if not name.lower().endswith(IMG_EXTENSIONS):
+                    continue
+                if is_hidden(name):
+                    skipped.append(f"hidden file {Path(dirpath) / name}")
+                else:
+                    images.append(Path(dirpath) / name)
         if not images:
             raise CLIError(
                 f"class folder {class_dir} has no images (looked for {', '.join(IMG_EXTENSIONS)}); "
                 "add images or remove the folder"
             )
-        found[class_dir.name] = images
+        found[class_dir.name] = sorted(images)
     return found
+
+
+def summarize_skipped(skipped: Sequence[str], limit: int = 3) -> str | None:
+    """One line for what dataset discovery left out, or None if nothing."""
+    if not skipped:
+        return None
+    shown = "; ".join(skipped[:limit]) + (f"; and {len(skipped) - limit} more" if len(skipped) > limit else "")
+    return f"skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} of the dataset: {shown}"
+
+
+def balance_warning(classes: Sequence[str], counts: Sequence[int]) -> str | None:
+    """A warning for one class (nothing to learn) or a class far larger than another, else None."""
+    if len(classes) == 1:
+        return (
+            f"the data has a single class ({classes[0]!r}): every prediction is right, the loss goes to 0 and "
+            "nothing is learnt; add a folder per class"
+        )
+    if min(counts) * IMBALANCE_WARNING_RATIO <= max(counts):
+        big, small = int(np.argmax(counts)), int(np.argmin(counts))
+        return (
+            f"the classes are very unbalanced: {classes[big]!r} has {counts[big]} images, {classes[small]!r} "
+            f"{counts[small]}; accuracy may reward always guessing {classes[big]!r} (balance or resample the data)"
+        )
+    return None
 
 
 def find_split(data_dir: str | os.PathLike, split: str) -> Path:

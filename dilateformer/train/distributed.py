@@ -82,6 +82,17 @@ def _attempt_store(rank: int, world: int) -> dist.Store:
     return dist.PrefixStore(f"dilateformer/attempt_{restart_count()}", store)
 
 
+def peer_failed(error: BaseException) -> int | None:
+    """This process's rank if ``error`` is a collective failing because a peer process went away, else None."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    text = str(error).lower()
+    lost = ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "timed out", "socket")
+    if isinstance(error, getattr(dist, "DistError", ())) or any(word in text for word in lost):
+        return dist.get_rank()
+    return None
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -24,14 +24,21 @@ def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise CLIError(f"--model-kwargs expects KEY=VALUE items, got {item!r}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text  # a bare word such as msda
+        value = _literal(text)
+        if isinstance(value, str) and "," in value:
+            # depths=1,1,1,1 is a tuple literal already; attn_types=global,global,... is bare words.
+            value = tuple(_literal(part.strip()) for part in value.split(","))
         if isinstance(value, list):
             value = tuple(value)
         out[key.replace("-", "_")] = value
     return out
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as msda
 
 
 def check_model_name(name: str) -> str:
@@ -68,14 +75,28 @@ def create_model(
     return model
 
 
-def load_file_into(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
-    """Load our safetensors, an official ``.pth`` or a training checkpoint; mismatches become a one-line error."""
+def load_file_into(
+    model: nn.Module, path: str | os.PathLike, strict: bool = True, new_head_ok: bool = True, flag: str = "checkpoint"
+) -> None:
+    """Load our safetensors, an official ``.pth`` or a training checkpoint; mismatches become a one-line error.
+
+    ``new_head_ok=False`` refuses a classifier of another size instead of leaving it freshly initialised.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CLIError(f"checkpoint {path} does not exist")
+        raise CLIError(f"{flag} {path} does not exist")
     try:
         state = load_checkpoint_file(path)
-        load_into(model, state, strict=strict, source=str(path))
+        own = {k: v.shape for k, v in model.state_dict().items()}
+        load_into(model, state, strict=strict, source=str(path))  # mismatches outside the head are named first
+        if not new_head_ok:
+            for key, value in state.items():
+                if key.startswith("head.") and key in own and own[key] != value.shape:
+                    raise CLIError(
+                        f"{flag} {path}: its classifier {key} is {tuple(value.shape)}, this model's "
+                        f"{tuple(own[key])} (the class count differs) and all keys must fit; "
+                        "to fine-tune with a new head use --pretrained --pretrained-path FILE instead"
+                    )
     except ValueError as error:
         raise CLIError(one_line(str(error))) from None
 

@@ -213,3 +213,23 @@ def test_attention_figure_on_the_chelsea_photo(tmp_path, check_png):
     own = tmp_path / "own_global.png"
     attention_figure(skimage.data.chelsea(), model, None, 1, 0, own)
     check_png(own, (1740, 490))
+
+
+def test_cli_takes_a_run_dir_a_jpeg_output_and_a_negative_query(tmp_path, capsys):
+    """Issue 16: a run directory as eval/predict take it, the format from --output's suffix, -1,-1 as a value."""
+    from PIL import Image
+
+    from dilateformer.analysis.visualize import create_registered_model
+    from dilateformer.cli import main
+    from dilateformer.models import save_weights
+
+    model = create_registered_model("dilateformer_nano", num_classes=3)
+    save_weights(model, tmp_path / "run" / "best.safetensors")
+    Image.fromarray(np.full((64, 80, 3), 120, np.uint8)).save(tmp_path / "photo.png")
+    out = tmp_path / "map.jpg"
+    argv = ["visualize", str(tmp_path / "photo.png"), "--model", "dilateformer_nano", "--size", "64"]
+    assert main([*argv, "--checkpoint", str(tmp_path / "run"), "--output", str(out)]) == 0
+    assert out.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG bytes under a .jpg name
+    assert main([*argv, "--query", "-1,-1", "--output", str(tmp_path / "q.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "query y=-1, x=-1 is outside the image" in err[0]
