@@ -161,7 +161,7 @@ class MultiScaleDilatedAttention(_HeadedAttention):
         super().__init__(dim, num_heads, qkv, qk_scale, attn_drop, proj_drop, layout, dd)
         self.kernel_size = check_kernel_size(kernel_size)
         self.dilations = check_dilations(dilations)
-        self._op_dilations: list[int] = list(self.dilations)  # the op's int[] argument, for graph mode
+        self._op_dilations = list(self.dilations)  # the op's int[] argument, for graph mode
         check_heads_divisible(num_heads, self.dilations, what="num_heads")
         self.border = check_border(border)
         if backend not in BACKEND_NAMES:
