@@ -14,8 +14,6 @@ Differences from the official code, all of which keep its weights loadable (see
 - the blocks run channels-last between the position encoding and the end, without copies between blocks.
 """
 
-from __future__ import annotations
-
 import difflib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,7 +30,7 @@ from torch import nn
 from dilateformer.functional import check_dilations, check_heads_divisible, check_kernel_size
 from dilateformer.nn.amp import autocast_state
 from dilateformer.nn.attention import GlobalAttention, MultiScaleDilatedAttention
-from dilateformer.nn.linear import linear, runs_own_forward
+from dilateformer.nn.linear import is_symbolic_tracing, linear, runs_own_forward
 
 __all__ = [
     "DilateFormer",
@@ -41,10 +39,12 @@ __all__ = [
     "ConvStem",
     "Downsample",
     "ATTN_TYPES",
+    "OUTPUT_STRIDES",
     "checkpoint_filter_fn",
 ]
 
 ATTN_TYPES = ("msda", "global")
+OUTPUT_STRIDES = (8, 16, 32)
 
 
 def _check_attn_type(attn_type: str, argument: str) -> str:
@@ -84,23 +84,32 @@ class ConvStem(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # oneDNN runs these full-resolution convs (and BN, GELU) about 20% faster channels-last on CPU; the stages
         # after the stem run channels-last anyway.
-        return super().forward(x.contiguous(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last)
+        for layer in self:  # not super().forward, which TorchScript cannot compile
+            x = layer(x)
+        return x
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv (with bias) + BatchNorm between stages, NCHW."""
+    """Stride-2 3x3 conv (with bias) + BatchNorm between stages, NCHW.
+
+    A stage that keeps its input's resolution (``output_stride`` below 32) gets ``stride=1``, with the dilation
+    of the stage before it, as in timm's dilated ResNets.
+    """
 
     def __init__(
         self,
         in_chans: int,
         out_chans: int,
         norm_layer: type[nn.Module] = nn.BatchNorm2d,
+        stride: int = 2,
+        dilation: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.conv = nn.Conv2d(in_chans, out_chans, 3, stride=2, padding=1, **dd)
+        self.conv = nn.Conv2d(in_chans, out_chans, 3, stride=stride, padding=dilation, dilation=dilation, **dd)
         self.norm = norm_layer(out_chans, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +163,7 @@ class BlockMlp(Mlp):
     as one); anything else, e.g. LoRA-wrapped or quantized layers, runs timm's plain forward.
     """
 
+    @torch.jit.unused
     def _fused_gelu(self) -> str | None:
         if not isinstance(self.norm, nn.Identity) or self.drop1.p > 0 or self.drop2.p > 0:
             return None
@@ -163,6 +173,17 @@ class BlockMlp(Mlp):
         return self.act.approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting() or is_symbolic_tracing():
+            return self._plain_forward(x)
+        return self._fast_forward(x)
+
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # timm's Mlp.forward, spelled out: TorchScript cannot compile super().forward, and a traced graph records
+        # the submodules as nodes.
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+    @torch.jit.unused
+    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         approximate = self._fused_gelu()
         if approximate is not None and self.training and torch.is_grad_enabled():
             return _GeluMlpFunction.apply(
@@ -180,6 +201,10 @@ class DilateBlock(nn.Module):
     ``x + DropPath(attn(LN(x)))`` and ``x + DropPath(MLP(LN(x)))``. ``attn`` is a
     :class:`~dilateformer.nn.MultiScaleDilatedAttention` (``attn_type="msda"``) or a
     :class:`~dilateformer.nn.GlobalAttention` (``attn_type="global"``).
+
+    ``spatial_dilation`` (1 unless the model runs at ``output_stride`` < 32) spreads the position-encoding conv
+    and the MSDA windows over that many pixels, so a block at a resolution kept 2x or 4x finer sees the same
+    neighbourhood as at its native stride.
     """
 
     def __init__(
@@ -199,13 +224,15 @@ class DilateBlock(nn.Module):
         backend: str = "auto",
         act_layer: type[nn.Module] = nn.GELU,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        spatial_dilation: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.attn_type = _check_attn_type(attn_type, "attn_type")
-        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
+        sd = spatial_dilation
+        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=sd, dilation=sd, groups=dim, **dd)
         self.norm1 = norm_layer(dim, **dd)
         self.attn: MultiScaleDilatedAttention | GlobalAttention
         if attn_type == "msda":
@@ -213,7 +240,7 @@ class DilateBlock(nn.Module):
                 dim,
                 num_heads,
                 kernel_size=kernel_size,
-                dilations=dilations,
+                dilations=[d * sd for d in check_dilations(dilations)],
                 qkv_bias=qkv_bias,
                 qk_scale=qk_scale,
                 attn_drop=attn_drop,
@@ -250,7 +277,11 @@ class DilateBlock(nn.Module):
 
 
 class DilateStage(nn.Module):
-    """An optional :class:`Downsample` (every stage but the first) followed by ``depth`` blocks."""
+    """An optional :class:`Downsample` (every stage but the first) followed by ``depth`` blocks.
+
+    ``stride`` and ``dilation`` are the downsample's (1 and the previous stage's dilation in a stage that keeps
+    its resolution); ``block_dilation`` is the blocks' ``spatial_dilation``.
+    """
 
     def __init__(
         self,
@@ -263,6 +294,9 @@ class DilateStage(nn.Module):
         drop_path: Sequence[float] | float = 0.0,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         downsample_norm_layer: type[nn.Module] = nn.BatchNorm2d,
+        stride: int = 2,
+        dilation: int = 1,
+        block_dilation: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **block_kwargs: Any,
@@ -271,7 +305,9 @@ class DilateStage(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.grad_checkpointing = False
         if downsample:
-            self.downsample: nn.Module = Downsample(dim_in, dim_out, norm_layer=downsample_norm_layer, **dd)
+            self.downsample: nn.Module = Downsample(
+                dim_in, dim_out, norm_layer=downsample_norm_layer, stride=stride, dilation=dilation, **dd
+            )
         else:
             if dim_in != dim_out:
                 raise ValueError(f"a stage without downsample keeps its width, got dim_in {dim_in} != {dim_out}")
@@ -285,6 +321,7 @@ class DilateStage(nn.Module):
                     attn_type=attn_type,
                     drop_path=rates[j],
                     norm_layer=norm_layer,
+                    spatial_dilation=block_dilation,
                     **block_kwargs,
                     **dd,
                 )
@@ -333,6 +370,10 @@ class DilateFormer(nn.Module):
         backend: MSDA backend for every MSDA layer, ``"auto"`` by default.
         norm_layer: the blocks' and the final norm (LayerNorm, eps 1e-6, by default).
         act_layer: activation of the stem and the MLPs.
+        output_stride: 32 (the classifier's), 16 or 8: the stages that would take the features below
+            ``1/output_stride`` keep their input's resolution instead (a stride-1 downsample conv) and dilate their
+            convs and MSDA windows to match, for dense prediction (DeepLab-style encoders). Global-attention
+            stages then attend over the larger map (4x or 16x the positions: memory grows with its square).
     """
 
     def __init__(
@@ -358,11 +399,14 @@ class DilateFormer(nn.Module):
         backend: str = "auto",
         norm_layer: Callable[..., nn.Module] | None = None,
         act_layer: type[nn.Module] = nn.GELU,
+        output_stride: int = 32,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        if not isinstance(output_stride, int) or output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
         for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -395,14 +439,23 @@ class DilateFormer(nn.Module):
         self.global_pool_type = global_pool
         self.drop_rate = drop_rate
         self.attn_types = attn_types
+        self.output_stride = output_stride
         self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = False
 
         self.stem = ConvStem(in_chans, embed_dim, act_layer=act_layer, **dd)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # On the CPU even where a device context (e.g. torch.device("meta")) is active: these are Python floats.
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages, self.feature_info = [], []
         start = 0
+        reduction, dilation = 4, 1
         for i in range(num_stages):
+            # Past output_stride a stage keeps the resolution and dilates by the stride it skips (timm's ResNet rule).
+            stride, first_dilation = 2, dilation
+            if i > 0 and reduction >= output_stride:
+                stride, dilation = 1, dilation * 2
+            elif i > 0:
+                reduction *= 2
             stages.append(
                 DilateStage(
                     dims[max(i - 1, 0)],
@@ -410,6 +463,9 @@ class DilateFormer(nn.Module):
                     depth=depths[i],
                     num_heads=num_heads[i],
                     downsample=i > 0,
+                    stride=stride,
+                    dilation=first_dilation,
+                    block_dilation=dilation,
                     attn_type=attn_types[i],
                     drop_path=rates[start : start + depths[i]],
                     norm_layer=norm_layer,
@@ -427,7 +483,7 @@ class DilateFormer(nn.Module):
                 )
             )
             start += depths[i]
-            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.norm = norm_layer(dims[-1], **dd)
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
@@ -475,7 +531,11 @@ class DilateFormer(nn.Module):
         )
         if num_classes > 0:
             _init_weights(self.head)
+        # New modules start in training mode; they follow the model's mode instead.
+        self.global_pool.train(self.training)
+        self.head.train(self.training)
 
+    @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"DilateFormer expects a torch.Tensor, got {type(x).__name__}")
@@ -490,17 +550,18 @@ class DilateFormer(nn.Module):
         if x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"input height and width must be >= 1 (the minimum input is 1x1), got {tuple(x.shape)}")
         if self.training and x.shape[0] == 1 and any(isinstance(s, DilateStage) for s in self.stages[1:]):
-            last = _reduced(x.shape[2], x.shape[3], 2 ** (len(self.stages) + 1))
-            if last == (1, 1):
+            stride = self.feature_info[len(self.stages) - 1]["reduction"]
+            if _reduced(x.shape[2], x.shape[3], stride) == (1, 1):
                 raise ValueError(
                     f"input {tuple(x.shape[2:])} is too small to train with batch size 1: the last "
                     f"stage would be 1x1 and its BatchNorm needs more than one value per channel; use a "
-                    f"batch of 2 or more, or an input larger than {2 ** (len(self.stages) + 1)} pixels "
-                    f"on one side"
+                    f"batch of 2 or more, or an input larger than {stride} pixels on one side"
                 )
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        # Scripted and symbolically traced graphs have no concrete input to check.
+        if not torch.jit.is_scripting() and not is_symbolic_tracing():
+            self._check_input(x)
         return self.stem(x)
 
     def forward_intermediates(
@@ -512,7 +573,8 @@ class DilateFormer(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (NCHW, strides 4, 8, 16, 32) alongside, or instead of, the final features.
+        """Stage outputs (NCHW, strides ``feature_info[i]["reduction"]``: 4, 8, 16, 32 at ``output_stride`` 32)
+        alongside, or instead of, the final features.
 
         Args:
             x: input images ``(B, in_chans, H, W)``.
@@ -557,7 +619,7 @@ class DilateFormer(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Unpooled features ``(B, num_features, ceil(H/32), ceil(W/32))``, after the final norm."""
+        """Unpooled features ``(B, num_features, ceil(H/s), ceil(W/s))`` (``s = output_stride``), final norm applied."""
         x = self._stem(x)
         x = (
             checkpoint_seq(self.stages, x)

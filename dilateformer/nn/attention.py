@@ -3,6 +3,10 @@
 Both accept channels-first ``(B, C, H, W)`` or channels-last ``(B, H, W, C)`` input, fixed per layer by
 ``layout`` at construction, and return the same layout. A tensor whose channel axis does not hold ``dim`` is
 refused with a message that says which layout it looks like, so a wrong layout cannot pass silently.
+
+Both also script (``torch.jit.script``) and trace symbolically (``torch.fx``): in those graph modes the layers skip
+the Python-side input checks and fast paths, which cannot look at symbolic tensors, and run plain torch ops and the
+registered ``torch.ops.dilateformer.msda_forward`` op (its kernel chosen when it runs).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dilateformer.functional import (
     check_kernel_size,
     multi_scale_dilated_attention,
 )
-from dilateformer.nn.linear import apply_linear, linear
+from dilateformer.nn.linear import apply_linear, is_symbolic_tracing, linear
 from dilateformer.ops.reference import msda_reference
 
 Layout = Literal["nchw", "nhwc"]
@@ -95,6 +99,13 @@ class _HeadedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Subclasses give both: _eager_forward (checks, fast paths, probability hooks) and _graph_forward.
+        if torch.jit.is_scripting() or is_symbolic_tracing():
+            return self._graph_forward(x)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
     def _probabilities_requested(self) -> bool:
         """True while someone hooks ``attn_drop`` to read the attention maps."""
         return bool(self.attn_drop._forward_hooks or self.attn_drop._forward_pre_hooks)
@@ -152,6 +163,7 @@ class MultiScaleDilatedAttention(_HeadedAttention):
         super().__init__(dim, num_heads, qkv, qk_scale, attn_drop, proj_drop, layout, dd)
         self.kernel_size = check_kernel_size(kernel_size)
         self.dilations = check_dilations(dilations)
+        self._op_dilations = list(self.dilations)  # the op's int[] argument, for graph mode
         check_heads_divisible(num_heads, self.dilations, what="num_heads")
         self.border = check_border(border)
         if backend not in BACKEND_NAMES:
@@ -164,10 +176,29 @@ class MultiScaleDilatedAttention(_HeadedAttention):
             f"dilations={self.dilations}, border={self.border!r}, layout={self.layout!r}"
         )
 
+    @torch.jit.unused
     def _needs_explicit_probs(self) -> bool:
         return (self.training and self.attn_drop.p > 0) or self._probabilities_requested()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.attn_drop.p > 0:
+            raise RuntimeError(
+                "MultiScaleDilatedAttention: attn_drop > 0 needs the explicit attention probabilities, which only "
+                "eager mode computes; script or trace the layer in eval mode or with attn_drop=0"
+            )
+        if self.layout == "nchw":
+            x = x.permute(0, 2, 3, 1)
+        batch, height, width = x.shape[0], x.shape[1], x.shape[2]
+        qkv = F.linear(x, self.qkv.weight.view(3 * self.dim, self.dim), self.qkv.bias)
+        q, k, v = qkv.view(batch, height, width, 3, self.num_heads, self.head_dim).unbind(3)
+        out = torch.ops.dilateformer.msda_forward(
+            q, k, v, self.kernel_size, self._op_dilations, self.scale, self.border, "auto"
+        )[0]
+        out = self.proj_drop(self.proj(out.reshape(batch, height, width, self.dim)))
+        return out.permute(0, 3, 1, 2) if self.layout == "nchw" else out
+
+    @torch.jit.unused
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = to_channels_last(x, self.dim, self.layout, type(self).__name__)
         batch, height, width, _ = x.shape
         # The 1x1 conv is a matmul over channels: run it channels-last, where the heads come out contiguous.
@@ -228,7 +259,19 @@ class GlobalAttention(_HeadedAttention):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, layout={self.layout!r}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "nchw":
+            x = x.permute(0, 2, 3, 1)
+        batch, height, width = x.shape[0], x.shape[1], x.shape[2]
+        qkv = self.qkv(x).view(batch, height * width, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        drop = self.attn_drop.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, height, width, self.dim)))
+        return out.permute(0, 3, 1, 2) if self.layout == "nchw" else out
+
+    @torch.jit.unused
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = to_channels_last(x, self.dim, self.layout, type(self).__name__)
         batch, height, width, _ = x.shape
         qkv = apply_linear(self.qkv, x).view(batch, height * width, 3, self.num_heads, self.head_dim)

@@ -10,14 +10,12 @@ dispatch mode (FLOP counters, fake tensors), and, for a module, exactly ``nn.Lin
 wrappers, quantized layers and hooks keep being called.
 """
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import _symbolic_trace
 
-__all__ = ["onednn_inference_applies", "runs_own_forward", "linear", "apply_linear"]
+__all__ = ["is_symbolic_tracing", "onednn_inference_applies", "runs_own_forward", "linear", "apply_linear"]
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 # Newer PyTorch warns when is_fx_tracing is called outside a trace and offers this narrower, silent check.
@@ -27,6 +25,16 @@ _GLOBAL_HOOKS = [
     for kind in ("forward", "forward_pre", "backward", "backward_pre")
     if hasattr(nn.modules.module, f"_global_{kind}_hooks")
 ]
+
+
+@torch.jit.unused
+def is_symbolic_tracing() -> bool:
+    """Whether torch.fx symbolic tracing is running, where tensors are Proxies that Python checks cannot inspect.
+
+    TorchScript compiles this to a stub that raises, so graph-mode guards test ``torch.jit.is_scripting()`` first:
+    ``if torch.jit.is_scripting() or is_symbolic_tracing()``.
+    """
+    return _is_fx_tracing()
 
 
 def onednn_inference_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

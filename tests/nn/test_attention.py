@@ -111,3 +111,32 @@ def test_layer_trains_a_step():
     layer(x).square().mean().backward()
     assert x.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("cls", [MultiScaleDilatedAttention, GlobalAttention])
+def test_layers_script_and_trace_to_the_eager_result(cls, layout):
+    """The graph-mode path (no Python checks, the registered op) computes what eager mode computes, and a
+    torch.fx graph of an MSDA layer calls the op itself."""
+    import warnings
+
+    torch.manual_seed(0)
+    layer = cls(24, 3, layout=layout).eval()
+    x = torch.randn(2, 24, 7, 9) if layout == "nchw" else torch.randn(2, 7, 9, 24)
+    traced = torch.fx.symbolic_trace(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, still supported
+        scripted = torch.jit.script(layer)
+    with torch.no_grad():
+        expected = layer(x)
+        torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(scripted(x), expected, rtol=1e-5, atol=1e-5)
+    targets = {str(node.target) for node in traced.graph.nodes}
+    assert ("dilateformer.msda_forward" in targets) == (cls is MultiScaleDilatedAttention)
+
+
+def test_graph_mode_refuses_training_with_attention_dropout():
+    layer = MultiScaleDilatedAttention(24, 3, attn_drop=0.1)
+    torch.fx.symbolic_trace(layer.eval())  # in eval mode the dropout does nothing: fine
+    with pytest.raises(RuntimeError, match="attn_drop > 0"):
+        torch.fx.symbolic_trace(layer.train())
