@@ -87,9 +87,11 @@ def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.
 
 
 @contextlib.contextmanager
-def _quiet_at_trace_time() -> Iterator[None]:
+def quiet_at_trace_time() -> Iterator[None]:
     """Under torch.jit.trace sizes are traced tensors, and each check on them warns that the trace keeps its
-    verdict as a constant. That is intended: the checks hold for the traced input and compute nothing."""
+    verdict as a constant. That is intended: the checks hold for the traced input and compute nothing.
+
+    Also a decorator, for input checks of layers and models."""
     if not torch.jit.is_tracing():
         yield
         return
@@ -138,7 +140,7 @@ def multi_scale_dilated_attention(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     q, k, v = _autocast(q, k, v)
-    with _quiet_at_trace_time():
+    with quiet_at_trace_time():
         _check_tensors(q, k, v)
         kernel_size = check_kernel_size(kernel_size)
         dilations = check_dilations(dilations)

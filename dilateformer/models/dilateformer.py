@@ -27,7 +27,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from dilateformer.functional import check_dilations, check_heads_divisible, check_kernel_size
+from dilateformer.functional import check_dilations, check_heads_divisible, check_kernel_size, quiet_at_trace_time
 from dilateformer.nn.amp import autocast_state
 from dilateformer.nn.attention import GlobalAttention, MultiScaleDilatedAttention
 from dilateformer.nn.linear import is_symbolic_tracing, linear, runs_own_forward
@@ -536,6 +536,7 @@ class DilateFormer(nn.Module):
         self.head.train(self.training)
 
     @torch.jit.unused
+    @quiet_at_trace_time()
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"DilateFormer expects a torch.Tensor, got {type(x).__name__}")

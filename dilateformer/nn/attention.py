@@ -25,6 +25,7 @@ from dilateformer.functional import (
     check_heads_divisible,
     check_kernel_size,
     multi_scale_dilated_attention,
+    quiet_at_trace_time,
 )
 from dilateformer.nn.linear import apply_linear, is_symbolic_tracing, linear
 from dilateformer.ops.reference import msda_reference
@@ -48,6 +49,7 @@ def check_layout(layout: str) -> str:
     return layout
 
 
+@quiet_at_trace_time()
 def to_channels_last(x: torch.Tensor, dim: int, layout: str, owner: str) -> torch.Tensor:
     """(B, C, H, W) or (B, H, W, C) as declared by ``layout`` -> a (B, H, W, C) view, with a clear error."""
     if not isinstance(x, torch.Tensor):
