@@ -6,25 +6,15 @@ a temporary config dir, plots are off (no font download), and models are built f
 
 from __future__ import annotations
 
-import atexit
 import copy
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-
-if "YOLO_CONFIG_DIR" not in os.environ:  # before Ultralytics is imported: it reads these once
-    _config_dir = tempfile.mkdtemp(prefix="dilateformer-yolo-cfg-")
-    atexit.register(shutil.rmtree, _config_dir, True)
-    os.environ["YOLO_CONFIG_DIR"] = _config_dir
-os.environ["YOLO_OFFLINE"] = "1"
-os.environ.setdefault("YOLO_VERBOSE", "False")
 
 pytest.importorskip("ultralytics", reason="the YOLO plug-in needs the optional extra dilateformer[yolo]")
 

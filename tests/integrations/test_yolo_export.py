@@ -3,22 +3,11 @@ and run in a process that never imports dilateformer."""
 
 from __future__ import annotations
 
-import atexit
 import json
-import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
 import torch
-
-if "YOLO_CONFIG_DIR" not in os.environ:  # before Ultralytics is imported: it reads these once
-    _config_dir = tempfile.mkdtemp(prefix="dilateformer-yolo-cfg-")
-    atexit.register(shutil.rmtree, _config_dir, True)
-    os.environ["YOLO_CONFIG_DIR"] = _config_dir
-os.environ["YOLO_OFFLINE"] = "1"
-os.environ.setdefault("YOLO_VERBOSE", "False")
 
 pytest.importorskip("ultralytics", reason="the YOLO plug-in needs the optional extra dilateformer[yolo]")
 pytest.importorskip("onnxruntime", reason="ONNX export needs the optional extra dilateformer[export]")
