@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = (
     "dilateformer.train.commands",
     "dilateformer.analysis.commands",
+    "dilateformer.integrations.commands",
 )
 
 
