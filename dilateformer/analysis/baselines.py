@@ -19,6 +19,7 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 
 __all__ = [
+    "compile_official_style",
     "unfold_msda",
     "heads_last_to_channels_first",
     "sdpa_global",
@@ -51,6 +52,32 @@ def unfold_msda(q, k, v, heads: int, kernel_size: int, dilations: tuple[int, ...
         out = attn @ values.transpose(-1, -2)  # (B, h, N, 1, d)
         outputs.append(out.squeeze(-2).transpose(1, 2).reshape(batch, height, width, group_channels))
     return torch.cat(outputs, dim=-1)
+
+
+def compile_official_style(fn):
+    """``torch.compile(fn, fullgraph=True)`` for code that runs :func:`unfold_msda`, with inductor's pattern matcher
+    off while it compiles.
+
+    Inductor's attention pattern (``fuse_attention``) matches unfold MSDA's 5-D ``matmul -> scale -> softmax ->
+    matmul`` and rewrites it into an SDPA call with a wrong broadcast, failing the compile ("Attempting to
+    broadcast a dimension of length 24 ... [8, 1, 24] ... [8, 1, 3136]" on torch 2.14.1; any size). The official
+    code meets the same failure; turning the pattern matcher off for this compile only is the route around it.
+    The config is read when the first call compiles, so the returned callable compiles inside the patch.
+    """
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(fn, fullgraph=True)
+    state = {"compiled_once": False}
+
+    def run(*args, **kwargs):
+        if state["compiled_once"]:
+            return compiled(*args, **kwargs)
+        with inductor_config.patch(pattern_matcher=False):
+            out = compiled(*args, **kwargs)
+        state["compiled_once"] = True
+        return out
+
+    return run
 
 
 def heads_last_to_channels_first(x: torch.Tensor) -> torch.Tensor:
