@@ -20,6 +20,8 @@ functional front calls it directly, so the trace holds ATen ops only.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -104,5 +106,21 @@ def register_export_decomposition(op: torch._ops.OpOverload) -> None:
     @op.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)
     def _decompose_when_exporting(q, k, v, kernel_size, dilations, scale, border, impl):
         if not torch.compiler.is_exporting():
+            _let_inductor_fall_back(op)
             return NotImplemented
         return msda_decomposed(q, k, v, kernel_size, dilations, scale, border)
+
+
+def _let_inductor_fall_back(op: torch._ops.OpOverload) -> None:
+    """Let inductor run ``op`` as an opaque kernel call even though it lists ``op`` as a decomposition.
+
+    Inductor builds its decomposition table from every CompositeImplicitAutograd kernel registered when it is
+    first imported. Imported after dilateformer (the usual order), the table lists this op, and a graph that
+    still holds the op (our kernel returned ``NotImplemented``) fails to lower: "both a fallback and a decomp for
+    same op". Inductor's ``FALLBACK_ALLOW_LIST`` names the ops it may fall back on anyway. Inductor only asks
+    for this kernel from inside its own decomposition pass, so its lowering module is loaded by then; outside
+    inductor this is one dictionary lookup.
+    """
+    lowering = sys.modules.get("torch._inductor.lowering")
+    if lowering is not None:
+        lowering.FALLBACK_ALLOW_LIST.add(op.name())

@@ -1,6 +1,11 @@
 """The export form of MSDA: the pure-ATen decomposition against the float64 reference, and how it is reached."""
 
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +95,40 @@ def test_eager_calls_and_jit_traces_take_their_own_routes(monkeypatch):
     q, k, v = random_qkv((2, 9, 4, 4, 8), dtype=torch.float32, seed=3, requires_grad=False)
     torch.testing.assert_close(traced(q, k, v), _Attention("zero")(q, k, v), rtol=0, atol=1e-5)
     assert eager.shape == (1, 5, 6, 4, 8)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_op_when_dilateformer_is_imported_first(tmp_path):
+    # Inductor's decomposition table, built at its first import, lists the op's export kernel; without the
+    # fallback allowance torch.compile fails with "both a fallback and a decomp for same op". A fresh process
+    # gives the order a user script has: dilateformer first, an eager call, inductor at the first compile.
+    script = """
+        import sys
+        import torch
+        from dilateformer.nn import MultiScaleDilatedAttention
+        assert "torch._inductor.decomposition" not in sys.modules
+        model = MultiScaleDilatedAttention(24, 3, layout="nchw").eval()
+        x = torch.randn(1, 24, 12, 12)
+        with torch.inference_mode():
+            expected = model(x)  # an eager call first, as benchmarks make
+        with torch.no_grad():
+            out = torch.compile(model, fullgraph=True)(x)
+            from torch._inductor.decomposition import decompositions
+            assert torch.ops.dilateformer.msda_forward.default in decompositions  # the order that used to fail
+            print(float((out - expected).abs().max()))
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        # No inductor cache: a cached graph skips the lowering that used to fail.
+        env={
+            **os.environ,
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+            "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
+        },
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.strip().splitlines()[-1]) < 1e-5
