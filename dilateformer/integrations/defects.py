@@ -40,6 +40,7 @@ VISIBLE_CHANGE = 0.04
 # Boxes thinner than this are widened about their centre: Ultralytics' augmentation drops boxes under 2 px.
 MIN_BOX_PIXELS = 3
 MAX_DEFECTS = 6
+MAX_IMAGE_SIZE = 2048  # above this a typo is likelier than a plan: 300 such images are ~3 GB of PNG
 MARKER = ".dilateformer-defects.json"  # written last inside the temp dir: a root holding it is complete
 FORMAT_VERSION = 1
 SMALL_AREA = 32 * 32  # COCO's "small" object: under 32 x 32 pixels of area
@@ -397,7 +398,7 @@ def make_defect_dataset(
         seed: non-negative; the same seed gives byte-identical images and labels.
         num_train: number of training images, >= 1.
         num_val: number of validation images, >= 1.
-        image_size: image side in pixels, a multiple of 32 (YOLO's stride) and at least 64.
+        image_size: image side in pixels, a multiple of 32 (YOLO's stride) in 64..``MAX_IMAGE_SIZE``.
         overwrite: replace a dataset this function wrote earlier with other settings.
     """
     if not isinstance(root, (str, os.PathLike)):
@@ -406,8 +407,10 @@ def make_defect_dataset(
     num_train = _check_int("num_train", num_train, 1)
     num_val = _check_int("num_val", num_val, 1)
     image_size = _check_int("image_size", image_size, 64)
-    if image_size % 32:
-        raise ValueError(f"image_size must be a multiple of 32 (YOLO's largest stride), got {image_size}")
+    if image_size % 32 or image_size > MAX_IMAGE_SIZE:
+        raise ValueError(
+            f"image_size must be a multiple of 32 (YOLO's stride) in 64..{MAX_IMAGE_SIZE}, got {image_size}"
+        )
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {type(overwrite).__name__}")
 
@@ -428,8 +431,10 @@ def make_defect_dataset(
                 _write_text_atomic(yaml_path, _yaml_text(root))  # the dataset was moved: point its YAML here
             return yaml_path
         if not overwrite:
+            held = marker.get("settings") or {}
+            differ = ", ".join(f"{k}={held.get(k)!r} (asked {v!r})" for k, v in settings.items() if held.get(k) != v)
             raise ValueError(
-                f"root {root} holds a defect dataset with other settings ({marker.get('settings')}); "
+                f"root {root} holds a defect dataset with other settings: {differ}; "
                 "pass overwrite=True (--overwrite) to replace it, or pick another root"
             )
 
