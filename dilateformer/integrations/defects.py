@@ -13,7 +13,8 @@ are painted on them:
 
 Sizes span a few pixels to about a quarter of the image, and some images hold no defect at all. Each box bounds
 exactly the pixels its defect changed by more than ``VISIBLE_CHANGE`` (then widened to ``MIN_BOX_PIXELS`` if
-thinner), so labels never claim invisible pixels nor miss visible ones.
+thinner), so labels never claim untouched pixels nor miss changed ones; a defect that changes no pixel by
+``MIN_PEAK_CHANGE`` (too faint, or off the image) is not drawn at all.
 
 Every image is drawn from its own random stream, keyed by ``(seed, split, index)``: the same settings give
 byte-identical files on the same numpy and Pillow, and train image 7 is the same whatever ``num_val`` is. This
@@ -37,6 +38,8 @@ TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel")  # bundled in the sciki
 SPLITS: tuple[str, ...] = ("train", "val")
 # A pixel belongs to a defect when the defect moved one of its channels by more than this (on a 0..1 scale, ~10/255).
 VISIBLE_CHANGE = 0.04
+# A defect is kept only if it moves some pixel by this much (~38/255): fainter ones would be labels nobody can see.
+MIN_PEAK_CHANGE = 0.15
 # Boxes thinner than this are widened about their centre: Ultralytics' augmentation drops boxes under 2 px.
 MIN_BOX_PIXELS = 3
 MAX_DEFECTS = 6
@@ -68,7 +71,13 @@ class Box:
 
 @cache
 def _texture(name: str) -> np.ndarray:
-    import skimage.data
+    try:
+        import skimage.data
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "the defect dataset draws on scikit-image's textures: pip install scikit-image (or dilateformer[cli])",
+            name=error.name,
+        ) from error
 
     image = getattr(skimage.data, name)()
     if image.ndim == 3:
@@ -104,7 +113,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     angle = rng.uniform(0, 2 * np.pi)
     gray = gray + rng.uniform(0, 0.15) * (np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None])
     tint = 1.0 + rng.normal(0.0, 0.03, size=3).astype(np.float32)
-    image = gray[..., None] * tint + 0.012 * rng.standard_normal((size, size, 3), dtype=np.float32)
+    gray = gray + 0.012 * rng.standard_normal((size, size), dtype=np.float32)  # sensor noise
+    image = gray[..., None] * tint
     return np.clip(image, 0.0, 1.0)
 
 
@@ -232,7 +242,7 @@ def _spot(rng: np.random.Generator, image: np.ndarray) -> Painted:
     patch = image[window.slices]
     # The surface's own grain shows through the stain, as it does through a real one.
     grain = patch.mean(axis=2)
-    alpha = alpha * np.clip(0.8 + 0.8 * (grain - grain.mean()), 0.4, 1.0) * rng.uniform(0.45, 0.8)
+    alpha = alpha * np.clip(0.8 + 0.8 * (grain - grain.mean()), 0.4, 1.0) * rng.uniform(0.5, 0.85)
     colour = STAIN_COLOURS[rng.integers(len(STAIN_COLOURS))] * rng.uniform(0.85, 1.15)
     return window, patch * (1 - alpha[..., None]) + colour * alpha[..., None]
 
@@ -265,9 +275,10 @@ PAINTERS = {"scratch": _scratch, "crack": _crack, "spot": _spot, "hole": _hole}
 
 
 def _changed_box(window: _Window, before: np.ndarray, after: np.ndarray, cls: int, size: int) -> Box | None:
-    changed = np.abs(after - before).max(axis=2) > VISIBLE_CHANGE
-    if changed.sum() < 4:
-        return None  # fell off the image, or too faint to label: the caller drops it
+    change = np.abs(after - before).max(axis=2)
+    changed = change > VISIBLE_CHANGE
+    if changed.sum() < 4 or change.max() < MIN_PEAK_CHANGE:
+        return None  # fell off the image, or too faint to see: the caller drops it, drawn nowhere
     rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
     y0, y1 = window.y0 + int(rows[0]), window.y0 + int(rows[-1]) + 1
     x0, x1 = window.x0 + int(cols[0]), window.x0 + int(cols[-1]) + 1
@@ -371,6 +382,20 @@ def _generate(directory: Path, settings: dict) -> None:
             (labels / f"{stem}.txt").write_text("".join(box.yolo_line(size) + "\n" for box in boxes))
 
 
+def _swap_in(new: Path, root: Path) -> None:
+    """Replace the directory ``root`` by ``new``; if that fails, put the old ``root`` back."""
+    old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+    try:
+        os.replace(root, old / "dataset")
+        try:
+            os.replace(new, root)
+        except BaseException:
+            os.replace(old / "dataset", root)
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def make_defect_dataset(
     root: str | os.PathLike,
     *,
@@ -445,15 +470,18 @@ def make_defect_dataset(
         (work / "data.yaml").write_text(_yaml_text(root))
         stats = dataset_stats(work, image_size=image_size)
         (work / MARKER).write_text(json.dumps({"settings": settings, "root": str(root), "stats": stats}, indent=2))
-        if ours:  # overwrite: move the old dataset aside first, so a failure here still leaves one complete root
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, old / "dataset")
-            os.replace(work, root)
-            shutil.rmtree(old, ignore_errors=True)
+        if ours:
+            _swap_in(work, root)
         else:
-            if root.is_dir():
-                root.rmdir()  # empty (checked above); os.replace onto a directory is not portable
-            os.replace(work, root)
+            try:
+                if root.is_dir():
+                    root.rmdir()  # empty (checked above); os.replace onto a directory is not portable
+                os.replace(work, root)
+            except OSError:
+                marker = _read_marker(root)
+                if not (marker and marker.get("settings") == settings):
+                    raise
+                shutil.rmtree(work)  # a concurrent call with the same settings finished first: the same files
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -96,8 +96,9 @@ def test_each_box_bounds_exactly_the_pixels_its_defect_changed(cls):
         changed = np.abs(full - background).max(axis=2) > VISIBLE_CHANGE
         box = defects._changed_box(window, background[window.slices], full[window.slices], cls, size)
         if box is None:
-            assert changed.sum() < 4
+            assert changed.sum() < 4 or np.abs(full - background).max() < defects.MIN_PEAK_CHANGE
             continue
+        assert np.abs(full - background).max() >= defects.MIN_PEAK_CHANGE
         rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
         tight = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
         assert box.cls == cls
@@ -182,6 +183,24 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         make_defect_dataset(tmp_path / "ds", **SMALL)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_concurrent_run_with_the_same_settings_that_finishes_first_wins(tmp_path, monkeypatch):
+    root, generate = tmp_path / "ds", defects._generate
+
+    def generate_while_another_run_finishes(directory, settings):
+        generate(directory, settings)
+        monkeypatch.setattr(defects, "_generate", generate)
+        make_defect_dataset(root, **SMALL)  # the other run: it moves its dataset into place first
+
+    reference = _files(make_defect_dataset(tmp_path / "reference", **SMALL).parent)
+    monkeypatch.setattr(defects, "_generate", generate_while_another_run_finishes)
+    assert make_defect_dataset(root, **SMALL) == root.resolve() / "data.yaml"
+    assert defects._generate is generate  # the other run did happen inside ours
+    assert _files(root) == reference
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "reference"]
+    with pytest.raises(ValueError, match="other settings"):  # and a different one would not be taken for ours
+        make_defect_dataset(root, seed=9, **SMALL)
 
 
 @pytest.mark.parametrize(
