@@ -50,7 +50,7 @@ def _run_defects(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
         grid = sample_grid(data_yaml.parent, args.grid or data_yaml.parent / "sample_grid.png")
-    except ValueError as error:
+    except (ValueError, ModuleNotFoundError) as error:
         raise CommandError(str(error)) from error
     except OSError as error:  # an unwritable or full disk: say which path, not a traceback
         raise CommandError(f"cannot write under {args.output}: {error.strerror or error}") from error
