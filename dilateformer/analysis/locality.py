@@ -145,8 +145,9 @@ def pixel_distances(grid: tuple[int, int], stride_yx: tuple[float, float]) -> to
     """``(H*W, H*W)`` float64 distance in input pixels between token centres."""
     height, width = grid
     ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    pos = torch.stack([ys.flatten() * stride_yx[0], xs.flatten() * stride_yx[1]], dim=1).double()
-    return torch.cdist(pos, pos)
+    ys, xs = ys.flatten().double() * stride_yx[0], xs.flatten().double() * stride_yx[1]
+    # Not torch.cdist: its matrix-product form loses digits that the float64 reference checks.
+    return torch.hypot(ys[:, None] - ys[None, :], xs[:, None] - xs[None, :])
 
 
 # ------------------------------------------------------------------------------------------- the arithmetic
@@ -187,7 +188,7 @@ def locality_statistics(
     window = torch.stack([torch.einsum("bhij,ij->h", on_grid, m.to(dtype)) for m in masks])
     union = torch.einsum("bhij,ij->h", on_grid, masks.any(0).to(dtype))
     # One key leaves no choice: log(1) = 0, and the ratio is taken as 0 ("one key").
-    entropy = -torch.special.xlogy(rows, rows).sum(-1) / max(math.log(probs.shape[-1]), 1.0)
+    entropy = -torch.special.xlogy(rows, rows).sum(-1) / (math.log(probs.shape[-1]) if probs.shape[-1] > 1 else 1.0)
     return LocalitySums(
         queries=rows.shape[0] * cells,
         distance=distance.double(),
@@ -453,7 +454,7 @@ def locality_table(results: Sequence[LayerLocality]) -> str:
     """One row per layer: grid, distance against uniform's, window shares against chance, prefix and entropy."""
     if not results:
         return "(no layer measured)"
-    dilations = results[0].dilations
+    dilations = tuple(results[0].window_share)
     headers = ["layer", "grid", "stride px", "dist px", "uniform px"]
     headers += [f"win d{d}" for d in dilations] + ["union", "chance", "x chance", "prefix", "entropy"]
     rows = []
@@ -487,7 +488,7 @@ def locality_figure(
     ax.set_title("distance from the query", pad=4)
     ax = axes[1]
     colours = plt.get_cmap("tab10")
-    for i, d in enumerate(results[0].dilations):
+    for i, d in enumerate(results[0].window_share):
         ax.plot(x, [r.window_share[d] for r in results], "o-", color=colours(i), label=f"window d={d}")
         ax.plot(x, [r.uniform_window_share[d] for r in results], ":", color=colours(i), label=f"chance d={d}")
     ax.plot(x, [r.union_share for r in results], "o-", color="black", lw=2, label="union of windows")
