@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -418,6 +419,44 @@ def measure_locality(
             )  # fmt: skip
         )
     return results
+
+
+# --------------------------------------------------------------------------------------------------- images
+
+SAMPLE_IMAGES = ("chelsea", "coffee", "astronaut", "china.jpg", "flower.jpg")
+
+
+def sample_images() -> dict[str, object]:
+    """The offline photos shipped with scikit-image (chelsea, coffee, astronaut) and scikit-learn (china, flower)."""
+    from PIL import Image
+    from skimage import data as skdata
+    from sklearn.datasets import load_sample_image
+
+    images = {}
+    for name in SAMPLE_IMAGES:
+        array = load_sample_image(name) if name.endswith(".jpg") else getattr(skdata, name)()
+        images[name] = Image.fromarray(array).convert("RGB")
+    return images
+
+
+def images_tensor(images: Iterable, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """PIL images -> a normalised ``(N, 3, size, size)`` batch: shorter side to ``size``, centre crop."""
+    from PIL import Image
+
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    out = []
+    for image in images:
+        scale = size / min(image.width, image.height)
+        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        crop = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32)
+        out.append(torch.from_numpy(crop.copy()).permute(2, 0, 1) / 255)
+    if not out:
+        raise ValueError("images: none given")
+    batch = torch.stack(out)
+    return (batch - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------------ reporting
