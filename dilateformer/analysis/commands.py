@@ -68,6 +68,8 @@ def _create_model(name: str, checkpoint: str | None, *, any_timm: bool = False, 
     """
     from dilateformer.analysis.visualize import create_registered_model
 
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise CommandError(f"--checkpoint: {checkpoint} does not exist")
     other_timm = any_timm and not name.startswith("dilateformer")
     if other_timm:
         from dilateformer.train.errors import CLIError
