@@ -347,10 +347,6 @@ def _add_benchmark(subparsers) -> None:
 
 # -------------------------------------------------------------------------------------------------- locality
 
-LOCALITY_LEGEND = (
-    "dist px: mean attention distance in input pixels (uniform px: the same for uniform attention); win dN, "
-    "union: attention mass inside MSDA's dilated windows; chance: the same for uniform attention"
-)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -385,7 +381,13 @@ def _dilations(text: str) -> tuple[int, ...]:
 
 
 def _run_locality(args: argparse.Namespace) -> int:
-    from dilateformer.analysis.locality import images_tensor, locality_figure, locality_table, measure_locality
+    from dilateformer.analysis.locality import (
+        TABLE_LEGEND,
+        images_tensor,
+        locality_figure,
+        locality_table,
+        measure_locality,
+    )
     from dilateformer.analysis.visualize import IMAGENET_MEAN, IMAGENET_STD, global_twin
 
     if not 1 <= args.size <= MAX_VISUALIZE_SIZE:
@@ -418,7 +420,7 @@ def _run_locality(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     print(f"{args.model}{' (global twin)' if args.twin else ''} at {args.size}x{args.size}, {len(sources)} images:")
     print(locality_table(results))
-    print(LOCALITY_LEGEND)
+    print(TABLE_LEGEND)
     out = Path(args.output)
     payload = dict(
         command="locality",
