@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,9 @@ def run_demo(args: argparse.Namespace) -> int:
     with use_backend(resolved):
         result = _run(settings, args.seed, output, say)
     result["wall_seconds"] = time.perf_counter() - started
-    (output / "demo.json").write_text(json.dumps(result, indent=2))
+    tmp = output / ".demo.json.tmp"  # atomic: an interrupted write never leaves a truncated demo.json
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, output / "demo.json")
     say(f"\ndone in {result['wall_seconds']:.0f}s; outputs in {output.resolve()}")
     return 0
 
