@@ -404,9 +404,15 @@ def _run_locality(args: argparse.Namespace) -> int:
         kwargs = parse_model_kwargs(args.model_kwargs)
     except CLIError as error:
         raise CommandError(str(error)) from None
-    if not args.model.startswith("dilateformer"):
-        kwargs.setdefault("dynamic_img_size", True)  # a ViT then takes any --size, with the checkpoint's embeddings
-    model = _create_model(args.model, args.checkpoint, any_timm=True, **kwargs)
+    model = None
+    if not args.model.startswith("dilateformer") and "dynamic_img_size" not in kwargs:
+        try:  # a ViT then takes any --size, with the checkpoint's position embeddings
+            model = _create_model(args.model, args.checkpoint, any_timm=True, dynamic_img_size=True, **kwargs)
+        except CommandError as error:
+            if "dynamic_img_size" not in str(error):
+                raise
+    if model is None:
+        model = _create_model(args.model, args.checkpoint, any_timm=True, **kwargs)
     if args.twin:
         kwargs.pop("attn_types", None)
         model = global_twin(args.model, model, **kwargs).eval()
