@@ -248,7 +248,8 @@ def msda_vit(
             attention on ``images`` and keep those whose patch queries put at least ``threshold`` (default
             :data:`DEFAULT_THRESHOLD`) of their attention mass into the union of their dilated windows.
         kernel_size, dilations, border: the MSDA window (as for
-            :func:`dilateformer.functional.multi_scale_dilated_attention`); the heads split into ``len(dilations)`` groups, so the head count must be divisible by it.
+            :func:`dilateformer.functional.multi_scale_dilated_attention`); the heads split into
+            ``len(dilations)`` groups, so the head count must be divisible by it.
         prefix: ``"global"``: class/distillation/register tokens attend to every token and patch queries to
             their window only; ``"keys"``: patch queries also see the prefix tokens as extra keys.
         measure: count the GMACs before and after (on the meta device: milliseconds at any size).
