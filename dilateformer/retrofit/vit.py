@@ -18,6 +18,8 @@ __all__ = ["DEFAULT_THRESHOLD", "RetrofitReport", "msda_vit", "parse_blocks", "r
 # their dilated windows. Uniform attention puts only |union| / N there (0.25 for a 3x3, dilations 1-3 window on a
 # 14x14 grid, under 0.1 on larger grids), and a block at 0.5 keeps most of what it attends to when the rest is cut.
 DEFAULT_THRESHOLD = 0.5
+# ... and at least this many times what uniform attention would put there.
+MIN_OVER_CHANCE = 2.0
 
 
 def _vit_types() -> tuple[type, ...]:
@@ -215,11 +217,16 @@ def _auto_blocks(model, images, kernel_size, dilations, threshold) -> tuple[list
 
     names = {f"blocks.{i}.attn": i for i in range(len(model.blocks))}
     results = measure_locality(model, images, kernel_size=kernel_size, dilations=dilations, layers=list(names))
-    chosen = sorted(names[name] for name in suggest_blocks(results, threshold=threshold))
+    # Local enough in absolute terms, and clearly above chance: on a small grid the windows cover so much that
+    # uniform attention alone would pass an absolute threshold.
+    local = set(suggest_blocks(results, threshold=threshold))
+    above_chance = set(suggest_blocks(results, threshold=MIN_OVER_CHANCE, metric="union_over_chance"))
+    chosen = sorted(names[name] for name in local & above_chance)
+    fields = ("name", "grid", "mean_distance_px", "union_share", "uniform_union_share", "prefix_share", "entropy_ratio")
     per_block = []
     for result in results:
-        row = {k: v for k, v in asdict(result).items() if not isinstance(v, dict)}
-        row["window_share"] = {str(d): s for d, s in result.window_share.items()}
+        row = {k: getattr(result, k) for k in fields}
+        row["window_share"] = {str(d): share for d, share in result.window_share.items()}
         per_block.append(row)
     return chosen, per_block
 
@@ -246,12 +253,14 @@ def msda_vit(
         model: a timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, register tokens) or ``Eva`` with fused qkv.
         blocks: indices (``range(6)``, ``[0, 2]``, ``"0-5"``, ``"0,2,4"``) or ``"auto"``: measure each block's
             attention on ``images`` and keep those whose patch queries put at least ``threshold`` (default
-            :data:`DEFAULT_THRESHOLD`) of their attention mass into the union of their dilated windows.
+            :data:`DEFAULT_THRESHOLD`) of their attention mass into the union of their dilated windows, and at
+            least :data:`MIN_OVER_CHANCE` times what uniform attention would put there.
         kernel_size, dilations, border: the MSDA window (as for
             :func:`dilateformer.functional.multi_scale_dilated_attention`); the heads split into
             ``len(dilations)`` groups, so the head count must be divisible by it.
         prefix: ``"global"``: class/distillation/register tokens attend to every token and patch queries to
             their window only; ``"keys"``: patch queries also see the prefix tokens as extra keys.
+        images: what locality is measured on; needed by ``"auto"``, and with explicit blocks measured for the report.
         measure: count the GMACs before and after (on the meta device: milliseconds at any size).
 
     Returns:
@@ -270,6 +279,8 @@ def msda_vit(
         chosen, locality = _auto_blocks(model, images, kernel_size, dilations, threshold)
     else:
         chosen = parse_blocks(blocks, depth)
+        if images is not None:  # measured for the report only
+            locality = _auto_blocks(model, images, kernel_size, dilations, DEFAULT_THRESHOLD)[1]
     for i in chosen:
         attn = model.blocks[i].attn
         _check_attention(i, attn)

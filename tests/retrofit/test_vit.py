@@ -263,3 +263,24 @@ def test_bad_input_is_refused_naming_it():
     with pytest.raises(TypeError, match="separate q/k/v"):
         msda_vit(eva, [0])
     assert isinstance(model.blocks[0].attn, RetrofitAttention)
+
+
+def test_auto_picks_the_blocks_whose_attention_stays_in_the_window():
+    model = _vit(img_size=64, depth=3)  # 8x8 grid: a 3x3 window of dilations 1-3 holds under half the grid
+    # Block 0 made local: its tokens are Fourier features of their position, q = k = c * x, so the logit
+    # c^2 (cos w dy + cos w dx) peaks at the query itself and falls with distance. Blocks 1, 2 stay random.
+    ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    angle = 0.6
+    features = torch.stack([(angle * ys).cos(), (angle * ys).sin(), (angle * xs).cos(), (angle * xs).sin()], -1)
+    with torch.no_grad():
+        model.patch_embed.proj.bias.zero_()
+        model.pos_embed.copy_(torch.cat([torch.zeros(1, 48), features.view(64, 4).repeat(1, 12)])[None])
+        attn = model.blocks[0].attn
+        attn.qkv.weight[:96] = torch.cat([torch.eye(48), torch.eye(48)]) * 3.0
+        attn.qkv.bias[:96] = 0
+    _, report = msda_vit(model, "auto", images=torch.zeros(2, 3, 64, 64))
+    shares = [(row["union_share"], row["uniform_union_share"]) for row in report.locality]
+    chosen = [i for i, (share, chance) in enumerate(shares) if share >= 0.5 and share >= 2 * chance]
+    assert report.blocks == chosen and chosen == [0], shares
+    assert all(isinstance(model.blocks[i].attn, RetrofitAttention) == (i in chosen) for i in range(3))
+    assert report.threshold == 0.5 and "in-window mass" in str(report)
