@@ -284,3 +284,17 @@ def test_auto_picks_the_blocks_whose_attention_stays_in_the_window():
     assert report.blocks == chosen and chosen == [0], shares
     assert all(isinstance(model.blocks[i].attn, RetrofitAttention) == (i in chosen) for i in range(3))
     assert report.threshold == 0.5 and "in-window mass" in str(report)
+
+
+def test_dynamo_onnx_export_of_the_merged_prefix_keys_path(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need the optional extra dilateformer[export]")
+    model = _vit(img_size=32)
+    msda_vit(model, [0], prefix="keys")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
