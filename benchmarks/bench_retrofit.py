@@ -1,5 +1,6 @@
 """Retrofit benchmark: a ViT-S/16-like model (random weights) before and after swapping its first 6 of 12 blocks
-to MSDA, with prefix="global" and prefix="keys": GMACs, MB saved for backward, forward and training-step img/s.
+to MSDA (prefix="global" and "keys"), against timm's fused (SDPA) and unfused attention: GMACs, MB saved for
+backward, forward and training-step img/s.
 
     python benchmarks/bench_retrofit.py                 # 224 and 512, batch 1, 3 interleaved repeats
     python benchmarks/bench_retrofit.py --sizes 224 --repeats 5 --batch 2
@@ -18,18 +19,23 @@ import torch
 from dilateformer.analysis.measure import count_macs, format_table, interleaved_median_ms, saved_for_backward_bytes
 from dilateformer.retrofit import msda_vit
 
+# (label, retrofit prefix or None, timm's fused SDPA attention in the global blocks)
 VARIANTS = (
-    ("ViT-S/16 (global)", None),
-    ("retrofit 0-5, prefix global", "global"),
-    ("retrofit 0-5, prefix keys", "keys"),
+    ("ViT-S/16 (global, fused SDPA)", None, True),
+    ("ViT-S/16 (global, unfused)", None, False),
+    ("retrofit 0-5, prefix global", "global", True),
+    ("retrofit 0-5, prefix keys", "keys", True),
 )
 
 
 def _models(name: str, size: int) -> list[torch.nn.Module]:
     models = []
-    for _, prefix in VARIANTS:
+    for _, prefix, fused in VARIANTS:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, img_size=size, num_classes=1000)
+        for block in model.blocks:
+            # timm's unfused path materialises the N x N probabilities, as it does wherever attention maps are read.
+            block.attn.fused_attn = fused
         if prefix is not None:
             msda_vit(model, range(6), prefix=prefix, measure=False)
         models.append(model)
@@ -58,7 +64,7 @@ def measure(name: str, size: int, batch: int, repeats: int) -> list[list[object]
     fwd_ms = interleaved_median_ms([lambda m=m: forward(m) for m in models], repeats=repeats, warmup=1)
     train_ms = interleaved_median_ms([lambda m=m: train_step(m) for m in models], repeats=repeats, warmup=1)
     rows = []
-    for i, (label, _) in enumerate(VARIANTS):
+    for i, (label, _, _) in enumerate(VARIANTS):
         fwd_ips, train_ips = batch * 1e3 / fwd_ms[i], batch * 1e3 / train_ms[i]
         rows.append([
             size, label, macs[i], macs[i] / macs[0], saved[i], saved[i] / saved[0],
