@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -420,8 +421,51 @@ def measure_locality(
     return results
 
 
+# --------------------------------------------------------------------------------------------------- images
+
+SAMPLE_IMAGES = ("chelsea", "coffee", "astronaut", "china.jpg", "flower.jpg")
+
+
+def sample_images() -> dict[str, object]:
+    """The offline photos shipped with scikit-image (chelsea, coffee, astronaut) and scikit-learn (china, flower)."""
+    from PIL import Image
+    from skimage import data as skdata
+    from sklearn.datasets import load_sample_image
+
+    images = {}
+    for name in SAMPLE_IMAGES:
+        array = load_sample_image(name) if name.endswith(".jpg") else getattr(skdata, name)()
+        images[name] = Image.fromarray(array).convert("RGB")
+    return images
+
+
+def images_tensor(images: Iterable, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """PIL images -> a normalised ``(N, 3, size, size)`` batch: shorter side to ``size``, centre crop."""
+    from PIL import Image
+
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    out = []
+    for image in images:
+        scale = size / min(image.width, image.height)
+        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        crop = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32)
+        out.append(torch.from_numpy(crop.copy()).permute(2, 0, 1) / 255)
+    if not out:
+        raise ValueError("images: none given")
+    batch = torch.stack(out)
+    return (batch - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
 # ------------------------------------------------------------------------------------------------ reporting
 
+TABLE_LEGEND = (
+    "dist px: mean attention distance in input pixels (uniform px: the same for uniform attention); win dN, "
+    "union: attention mass inside MSDA's dilated windows at dilation N, or any of them; chance: the same for "
+    "uniform attention; x chance: union / chance; prefix: mass on cls/register tokens; entropy: 1 = uniform"
+)
 SUGGEST_METRICS = ("union_share", "union_over_chance", "entropy_ratio")
 
 
@@ -466,6 +510,15 @@ def locality_table(results: Sequence[LayerLocality]) -> str:
     return format_table(headers, rows)
 
 
+def _two_lines(name: str) -> str:
+    """A long module name split at the dot nearest its middle, so neighbouring tick labels do not run together."""
+    dots = [i for i, c in enumerate(name) if c == "."]
+    if len(name) <= 12 or not dots:
+        return name
+    cut = min(dots, key=lambda i: abs(i - len(name) / 2))
+    return f"{name[: cut + 1]}\n{name[cut + 1 :]}"
+
+
 def locality_figure(
     results: Sequence[LayerLocality], output: str | Path, title: str = "How local is attention?"
 ) -> Path:
@@ -504,9 +557,13 @@ def locality_figure(
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("ratio")
     ax.set_title("spread (1 = uniform, 0 = one key)", pad=4)
+    many = len(x) > 4  # then one rotated line per label; a few fit as two upright lines
+    ticks = [
+        f"{n} ({r.grid[0]}x{r.grid[1]})" if many else f"{_two_lines(n)}\n{r.grid[0]}x{r.grid[1]}"
+        for n, r in zip(names, results, strict=True)
+    ]
     for ax in axes:
-        ax.set_xticks(x, [f"{n}\n{r.grid[0]}x{r.grid[1]}" for n, r in zip(names, results, strict=True)],
-                      rotation=60 if len(x) > 4 else 0, fontsize=8, ha="right" if len(x) > 4 else "center")  # fmt: skip
+        ax.set_xticks(x, ticks, rotation=50 if many else 0, fontsize=8, ha="right" if many else "center")
         ax.set_xlabel("layer (token grid)")
         ax.grid(alpha=0.3)
         # Above the panel, not on it: the curves may lie anywhere in [0, 1].
