@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "dilateformer.train.commands",
     "dilateformer.analysis.commands",
     "dilateformer.integrations.commands",
+    "dilateformer.retrofit.commands",
 )
 
 

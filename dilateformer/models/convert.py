@@ -93,10 +93,13 @@ def convert_official_checkpoint(obj: Mapping[str, Any], use_ema: bool = False) -
     return out
 
 
-def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
+def load_checkpoint_file(
+    path: str | os.PathLike, use_ema: bool = False, convert: bool = True
+) -> dict[str, torch.Tensor]:
     """Read weights from a ``.safetensors`` or ``torch.save`` file, safely, as this project's state dict.
 
-    Pickle files load with ``weights_only=True`` plus :data:`SAFE_GLOBALS`; official keys are converted.
+    Pickle files load with ``weights_only=True`` plus :data:`SAFE_GLOBALS`; official keys are converted unless
+    ``convert=False`` (for models such as timm's ViTs whose own keys are ``patch_embed.*`` too).
 
     Raises:
         FileNotFoundError: no such file.
@@ -129,6 +132,8 @@ def load_checkpoint_file(path: str | os.PathLike, use_ema: bool = False) -> dict
                 f"{str(path)!r} is not a checkpoint (not a torch.save file; the unpickler hit {type(err).__name__})"
             ) from err
     try:
+        if not convert:
+            return {k.removeprefix("module."): v for k, v in _unwrap(obj, use_ema).items()}
         return convert_official_checkpoint(obj, use_ema=use_ema)
     except TypeError as err:
         raise ValueError(f"{str(path)!r} does not hold a state dict: {err}") from err
@@ -202,7 +207,9 @@ def match_state_dict(
             the message lists them and describes the architecture the checkpoint looks like. With
             ``allow_missing_head``, a checkpoint without a classifier is accepted.
     """
-    state_dict = convert_official_checkpoint(state_dict)
+    if not any(k.startswith("patch_embed.") for k in model.state_dict()):
+        # timm ViTs own patch_embed.* keys: their checkpoints are not official DilateFormer ones.
+        state_dict = convert_official_checkpoint(state_dict)
     own = model.state_dict()
     matched: dict[str, torch.Tensor] = {}
     mismatched, head_skipped = [], []

@@ -191,6 +191,12 @@ def _register_train(subparsers) -> None:
     m.add_argument("--pretrained", action="store_true", default=None, help="start from --pretrained-path weights")
     m.add_argument("--pretrained-path", metavar="FILE", help="local weights (ours or official) for --pretrained")
     m.add_argument(
+        "--retrofit",
+        metavar="BLOCKS",
+        help="swap these blocks of a timm ViT to MSDA (kernel 3, dilations 1,2,3), keeping their weights, after "
+        "loading --pretrained-path, e.g. 0-5 (see docs/retrofit.md)",
+    )
+    m.add_argument(
         "--initial-checkpoint", metavar="FILE", help="load these weights (all keys must fit) before training"
     )
     m.add_argument(
@@ -370,9 +376,9 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 # Flags whose unset value comes from the recipe (or, on resume, from the run's saved config).
 CONFIG_KEYS = (
     "data_dir", "dataset", "img_size", "workers", "model", "model_kwargs", "pretrained", "pretrained_path",
-    "initial_checkpoint", "drop_path", "grad_checkpointing", "compile", "epochs", "batch_size", "lr", "lr_base",
-    "lr_base_size", "opt", "weight_decay", "sched", "warmup_epochs", "warmup_lr", "min_lr", "clip_grad", "amp",
-    "aa", "mixup", "cutmix", "smoothing", "reprob", "hflip", "model_ema", "model_ema_decay", "seed",
+    "initial_checkpoint", "retrofit", "drop_path", "grad_checkpointing", "compile", "epochs", "batch_size", "lr",
+    "lr_base", "lr_base_size", "opt", "weight_decay", "sched", "warmup_epochs", "warmup_lr", "min_lr", "clip_grad",
+    "amp", "aa", "mixup", "cutmix", "smoothing", "reprob", "hflip", "model_ema", "model_ema_decay", "seed",
 )  # fmt: skip
 
 
@@ -384,7 +390,7 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> tu
     dataset = explicit.get("dataset", (saved or {}).get("dataset"))
     recipe_name, config = recipe_for(dataset)
     config.update({"data_dir": None, "dataset": None, "model_kwargs": None, "pretrained": False,
-                   "pretrained_path": None, "initial_checkpoint": None})  # fmt: skip
+                   "pretrained_path": None, "initial_checkpoint": None, "retrofit": None})  # fmt: skip
     if saved:
         config.update({k: v for k, v in saved.items() if k in CONFIG_KEYS})
     config.update(explicit)
@@ -499,6 +505,10 @@ def run_train(args: argparse.Namespace) -> int:
     )
     if config["initial_checkpoint"] and saved_state is None:
         load_file_into(model, config["initial_checkpoint"], strict=True, new_head_ok=False, flag="--initial-checkpoint")
+    if config["retrofit"]:
+        # After the pretrained weights went into the original structure; the keys stay the same, so resuming and
+        # --initial-checkpoint files fit either way.
+        model = _retrofit(model, config["retrofit"])
     data_cfg = resolve_data_config({}, model=model)
     img_size = config["img_size"] or data_cfg["input_size"][-1]
     config["img_size"] = img_size
@@ -660,6 +670,10 @@ def run_train(args: argparse.Namespace) -> int:
         "interpolation": data_cfg["interpolation"],
         "dataset": config["dataset"] or str(config["data_dir"]),
     }
+    if config["retrofit"]:
+        from dilateformer.retrofit import retrofit_config
+
+        metadata["retrofit"] = retrofit_config(model)  # eval, predict and retrofit rebuild the model from it
     writer = _tensorboard(output) if info.is_main else None
 
     for epoch in range(start_epoch, num_epochs):
@@ -750,6 +764,15 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrofit(model: torch.nn.Module, blocks: str, settings: dict[str, Any] | None = None) -> torch.nn.Module:
+    from dilateformer.retrofit import msda_vit
+
+    try:
+        return msda_vit(model, blocks, **(settings or {}), measure=False)[0]
+    except (TypeError, ValueError) as error:
+        raise CLIError(f"--retrofit {blocks}: {error}") from None
+
+
 def match_depthwise_grad_layout(model: torch.nn.Module) -> None:
     """Give depthwise conv weights, shape (C, 1, k, k), the strides their gradients come back with.
 
@@ -805,7 +828,7 @@ def _ensure_best(output: Path, best_top1: float, best_epoch: int, state, weights
 
 # Settings that a resumed run cannot change (the saved weights or optimizer state would not fit them), and the
 # ones whose change is allowed but breaks exact reproduction of the uninterrupted run.
-RESUME_FIXED = ("model", "model_kwargs", "model_ema", "dataset")
+RESUME_FIXED = ("model", "model_kwargs", "model_ema", "dataset", "retrofit")
 RESUME_INEXACT = {
     "batch_size": "the learning rate and the data order change with it",
     "workers": "the data order and augmentation draws change with it",
@@ -929,6 +952,10 @@ def load_for_inference(args: argparse.Namespace, device: torch.device) -> tuple[
         num_classes = int(head.shape[0]) if head is not None else 1000
         name, kwargs = args.model, {}
     model = create_model(name, num_classes, model_kwargs=kwargs)
+    if meta.get("retrofit"):
+        settings = {k: v for k, v in meta["retrofit"].items() if k != "blocks"}
+        settings["dilations"] = tuple(settings.get("dilations", (1, 2, 3)))
+        model = _retrofit(model, meta["retrofit"]["blocks"], settings)
     load_state_into(model, state, source=str(path))
     model.to(device).eval()
     data_cfg = resolve_data_config({}, model=model)

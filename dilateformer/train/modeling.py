@@ -86,8 +86,9 @@ def load_file_into(
     if not path.is_file():
         raise CLIError(f"{flag} {path} does not exist")
     try:
-        state = load_checkpoint_file(path)
         own = {k: v.shape for k, v in model.state_dict().items()}
+        # A model whose own keys are patch_embed.* (timm ViTs) takes them as they are, not as official DilateFormer.
+        state = load_checkpoint_file(path, convert=not any(k.startswith("patch_embed.") for k in own))
         load_into(model, state, strict=strict, source=str(path))  # mismatches outside the head are named first
         if not new_head_ok:
             for key, value in state.items():
