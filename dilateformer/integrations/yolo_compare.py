@@ -257,6 +257,8 @@ def compare_figure(rows: Sequence[dict[str, Any]], output: str | Path, title: st
         seeds = r["map50_95"]["per_seed"]
         offsets = [x + (k - (len(seeds) - 1) / 2) * 0.12 for k in range(len(seeds))]
         ax.plot(offsets, seeds, "o", color="black", ms=4, label="one seed" if x == 0 else None)
+    top = max([m + s for m, s in zip(means, stds, strict=True)] + [max(r["map50_95"]["per_seed"]) for r in rows])
+    ax.set_ylim(0, max(top * 1.15, 0.01))
     ax.set_ylabel("mAP50-95 (validation)")
     ax.set_title("accuracy")
     ax.legend(fontsize=8, loc="lower right")
