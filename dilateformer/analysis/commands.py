@@ -1,4 +1,4 @@
-"""``dilateformer visualize``, ``profile`` and ``benchmark``: argument parsing and error reporting only.
+"""``dilateformer visualize``, ``profile``, ``benchmark`` and ``locality``: argument parsing and error reporting only.
 
 Bad input (a missing image, a query off the image, a stage without MSDA, malformed sizes) ends the command
 with one ``dilateformer COMMAND: error: ...`` line on stderr and exit status 2, never a traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -50,17 +51,34 @@ def _progress(line: str) -> None:
 
 
 def _write_json(path: str | Path, payload: object) -> Path:
+    """Write JSON atomically: a temp file in the same directory, then ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 
-def _create_model(name: str, checkpoint: str | None):
-    """A registered model in eval mode, with ``checkpoint``'s weights if given."""
+def _create_model(name: str, checkpoint: str | None, *, any_timm: bool = False, **kwargs):
+    """A registered model in eval mode, with ``checkpoint``'s weights if given.
+
+    ``any_timm``: a timm model that is not a DilateFormer is accepted too (built by
+    :func:`dilateformer.train.modeling.create_model`, never downloaded).
+    """
     from dilateformer.analysis.visualize import create_registered_model
 
-    model = create_registered_model(name)
+    other_timm = any_timm and not name.startswith("dilateformer")
+    if other_timm:
+        from dilateformer.train.errors import CLIError
+        from dilateformer.train.modeling import create_model
+
+        try:
+            model = create_model(name, kwargs.pop("num_classes", 1000), model_kwargs=kwargs)
+        except CLIError as error:
+            raise CommandError(str(error)) from None
+    else:
+        model = create_registered_model(name, **kwargs)
     if checkpoint is not None and Path(checkpoint).is_dir():
         # A training run directory, as eval and predict accept: its best weights, else its last.
         found = [
@@ -73,9 +91,18 @@ def _create_model(name: str, checkpoint: str | None):
         from dilateformer.models import load_checkpoint_file, load_into
 
         try:
-            load_into(model, load_checkpoint_file(checkpoint), source=checkpoint)
-        except ValueError as error:
-            raise CommandError(str(error)) from error
+            if other_timm:
+                # timm's own reader (safetensors or weights_only torch.load), not ours: our official-DilateFormer
+                # key conversion would rename a ViT's patch_embed.proj.
+                from timm.models import load_checkpoint
+
+                load_checkpoint(model, checkpoint, weights_only=True)
+            else:
+                load_into(model, load_checkpoint_file(checkpoint), source=checkpoint)
+        except (ValueError, RuntimeError) as error:
+            from dilateformer.train.modeling import one_line
+
+            raise CommandError(f"--checkpoint {checkpoint}: {one_line(str(error))}") from error
     return model.eval()
 
 
@@ -316,8 +343,130 @@ def _add_benchmark(subparsers) -> None:
     p.set_defaults(func=_guarded("benchmark", _run_benchmark))
 
 
+# -------------------------------------------------------------------------------------------------- locality
+
+LOCALITY_LEGEND = (
+    "dist px: mean attention distance in input pixels (uniform px: the same for uniform attention); win dN, "
+    "union: attention mass inside MSDA's dilated windows; chance: the same for uniform attention"
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _image_sources(items: list[str] | None) -> dict[str, object]:
+    """Name -> PIL image: the files given (a directory: its image files, sorted), else the offline samples."""
+    from dilateformer.analysis.locality import sample_images
+    from dilateformer.analysis.visualize import load_image
+
+    if not items:
+        return sample_images()
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise CommandError(f"--images: {path} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        else:
+            paths.append(path)
+    return {str(p): load_image(p) for p in paths}
+
+
+def _dilations(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct positive integers separated by commas, got {text!r}")
+    return values
+
+
+def _run_locality(args: argparse.Namespace) -> int:
+    from dilateformer.analysis.locality import images_tensor, locality_figure, locality_table, measure_locality
+    from dilateformer.analysis.visualize import IMAGENET_MEAN, IMAGENET_STD, global_twin
+
+    if not 1 <= args.size <= MAX_VISUALIZE_SIZE:
+        raise CommandError(f"--size must be 1..{MAX_VISUALIZE_SIZE} pixels, got {args.size}")
+    if args.kernel_size < 1 or args.kernel_size % 2 == 0:
+        raise CommandError(f"--kernel-size must be an odd positive int, got {args.kernel_size}")
+    if args.twin and not args.model.startswith("dilateformer"):
+        raise CommandError(f"--twin needs a DilateFormer model, got {args.model}")
+    sources = _image_sources(args.images)  # fail on the images before building any model
+    from dilateformer.train.errors import CLIError
+    from dilateformer.train.modeling import parse_model_kwargs
+
+    try:
+        kwargs = parse_model_kwargs(args.model_kwargs)
+    except CLIError as error:
+        raise CommandError(str(error)) from None
+    if not args.model.startswith("dilateformer"):
+        kwargs.setdefault("dynamic_img_size", True)  # a ViT then takes any --size, with the checkpoint's embeddings
+    model = _create_model(args.model, args.checkpoint, any_timm=True, **kwargs)
+    if args.twin:
+        kwargs.pop("attn_types", None)
+        model = global_twin(args.model, model, **kwargs).eval()
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    images = images_tensor(sources.values(), args.size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+    try:
+        results = measure_locality(
+            model, images, kernel_size=args.kernel_size, dilations=args.dilations, batch_size=args.batch
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    print(f"{args.model}{' (global twin)' if args.twin else ''} at {args.size}x{args.size}, {len(sources)} images:")
+    print(locality_table(results))
+    print(LOCALITY_LEGEND)
+    out = Path(args.output)
+    payload = dict(
+        command="locality",
+        model=args.model,
+        checkpoint=args.checkpoint,
+        twin=args.twin,
+        size=args.size,
+        images=list(sources),
+        layers=[r.as_dict() for r in results],
+    )
+    _write_json(out / "locality.json", payload)
+    title = f"How local is attention? {args.model}{' global twin' if args.twin else ''}, {args.size}x{args.size} px"
+    locality_figure(results, out / "locality.png", title=title)
+    print(f"wrote {out / 'locality.json'} and {out / 'locality.png'}")
+    return 0
+
+
+def _add_locality(subparsers) -> None:
+    p = subparsers.add_parser(
+        "locality",
+        help="how local a model's attention is: distance, mass inside MSDA's windows, entropy, per layer",
+        description="Runs a model on images and, for every global attention layer (DilateFormer's global stages "
+        "or its global twin, timm ViT/DeiT), reports the mean attention distance in input pixels, the attention "
+        "mass inside MSDA's dilated k x k windows (and what uniform attention would put there), the mass on "
+        "prefix tokens and the entropy against uniform. Prints a table, writes locality.json and locality.png.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", help="weights: .safetensors, a torch checkpoint, or a training run directory")
+    p.add_argument(
+        "--model-kwargs", nargs="*", metavar="KEY=VALUE", help="model arguments, e.g. embed_dim=24 num_classes=10"
+    )
+    p.add_argument(
+        "--twin", action="store_true", help="measure the DilateFormer's global-attention twin, with its weights"
+    )
+    p.add_argument(
+        "--images",
+        nargs="+",
+        help="image files or directories (default: the offline photos chelsea, coffee, astronaut, china, flower)",
+    )
+    p.add_argument("--size", type=int, default=224, help="square model input side in pixels (default 224)")
+    p.add_argument("--kernel-size", type=int, default=3, help="MSDA window side k (default 3)")
+    p.add_argument("--dilations", type=_dilations, default=(1, 2, 3), help="MSDA dilations (default 1,2,3)")
+    p.add_argument("--batch", type=int, default=4, help="images per forward (default 4)")
+    p.add_argument("--output", default="locality", help="directory for locality.json and locality.png")
+    p.set_defaults(func=_guarded("locality", _run_locality))
+
+
 def register(subparsers) -> None:
-    """Add ``visualize``, ``profile`` and ``benchmark`` to the ``dilateformer`` command line."""
+    """Add ``visualize``, ``profile``, ``benchmark`` and ``locality`` to the ``dilateformer`` command line."""
     _add_visualize(subparsers)
     _add_profile(subparsers)
     _add_benchmark(subparsers)
+    _add_locality(subparsers)

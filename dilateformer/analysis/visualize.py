@@ -1,10 +1,10 @@
 """Attention maps: where an MSDA query looks, compared with where a global-attention query looks.
 
-The probabilities come from the layers' documented hook: while a forward hook sits on ``layer.attn_drop``,
+The probabilities come from the layers' documented hook (:func:`dilateformer.analysis.capture.capture_attention`,
+re-exported here): while a forward hook sits on ``layer.attn_drop``,
 :class:`~dilateformer.nn.MultiScaleDilatedAttention` passes its probabilities ``(B, H, W, heads, k, k)``
 through ``attn_drop`` and :class:`~dilateformer.nn.GlobalAttention` passes ``(B, heads, N, N)``. Unhooked
-layers keep their fast backends, so :func:`capture_attention` costs nothing outside its ``with`` block and
-only the hooked layers pay for explicit probabilities inside it.
+layers keep their fast backends, so only the hooked layers pay for explicit probabilities.
 ``timm.utils.AttentionExtract(model, method="hook")`` uses the same hooks.
 
 Coordinates: queries are ``(y, x)`` pixels of the original image; the figure's axes are in those pixels too.
@@ -12,8 +12,7 @@ Coordinates: queries are ``(y, x)`` pixels of the original image; the figure's a
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
+from dilateformer.analysis.capture import CapturedAttention, capture_attention
 from dilateformer.analysis.plots import DPI, save_figure
 from dilateformer.nn.attention import GlobalAttention, MultiScaleDilatedAttention
 from dilateformer.ops.neighborhood import head_groups, window_table
@@ -40,16 +40,6 @@ class InputError(ValueError):
 
 
 @dataclass
-class CapturedAttention:
-    """The probabilities one layer produced, with the grid they live on."""
-
-    kind: str  # "msda" or "global"
-    probs: torch.Tensor  # msda: (B, H, W, heads, k, k); global: (B, heads, H*W, H*W)
-    grid: tuple[int, int]  # (H, W) token grid of the layer's input
-    layer: nn.Module
-
-
-@dataclass
 class GroupWindow:
     """One dilation group's k x k window for one query: key cells, weights averaged over its heads."""
 
@@ -59,61 +49,6 @@ class GroupWindow:
     cols: np.ndarray  # (k,)
     valid: np.ndarray  # (k, k) False where the slot falls outside the image (zero border: a zero key)
     weights: np.ndarray  # (k, k)
-
-
-def _attention_kind(layer: nn.Module) -> str:
-    if isinstance(layer, MultiScaleDilatedAttention):
-        return "msda"
-    if isinstance(layer, GlobalAttention):
-        return "global"
-    raise TypeError(f"not an attention layer of this package: {type(layer).__name__}")
-
-
-def _grid_of(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    return tuple(x.shape[2:4]) if layer.layout == "nchw" else tuple(x.shape[1:3])
-
-
-@contextlib.contextmanager
-def capture_attention(
-    model: nn.Module, layers: Sequence[str | nn.Module] | Mapping[str, nn.Module]
-) -> Iterator[dict[str, CapturedAttention]]:
-    """Record the attention probabilities of ``layers`` during forwards run inside the block.
-
-    ``layers`` are module names of ``model`` (``"stages.0.blocks.1.attn"``), modules, or a name -> module
-    mapping. The yielded dict fills in as the model runs, keyed by name; each entry holds the last forward's
-    probabilities, detached and on the CPU. The hooks are removed on exit, and the layers go back to their
-    fast backends.
-    """
-    if isinstance(layers, Mapping):
-        named = dict(layers)
-    else:
-        by_module = {id(m): n for n, m in model.named_modules()}
-        named = {}
-        for item in layers:
-            if isinstance(item, str):
-                named[item] = model.get_submodule(item)
-            else:
-                named[by_module.get(id(item), f"layer{len(named)}")] = item
-    records: dict[str, CapturedAttention] = {}
-    grids: dict[str, tuple[int, int]] = {}
-    handles = []
-    for name, layer in named.items():
-        kind = _attention_kind(layer)
-
-        def remember_grid(module, args, name=name):
-            grids[name] = _grid_of(module, args[0])
-
-        def record(module, args, output, name=name, kind=kind, layer=layer):
-            # The hook's input is the softmax output, before dropout: the weights the layer actually computed.
-            records[name] = CapturedAttention(kind, args[0].detach().float().cpu(), grids[name], layer)
-
-        handles.append(layer.register_forward_pre_hook(remember_grid))
-        handles.append(layer.attn_drop.register_forward_hook(record))
-    try:
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def msda_windows(record: CapturedAttention, token: tuple[int, int], batch: int = 0) -> list[GroupWindow]:

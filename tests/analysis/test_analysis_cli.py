@@ -86,3 +86,57 @@ def test_benchmark_quick_op_part(capsys, tmp_path, check_png):
 
 def test_benchmark_rejects_bad_sizes(capsys):
     _one_line_error(capsys, ["benchmark", "--part", "op", "--sizes", "0"], "positive integers")
+
+
+@pytest.fixture(scope="module")
+def two_images(tmp_path_factory):
+    import skimage.data
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("imgs")
+    Image.fromarray(skimage.data.chelsea()).save(folder / "a.png")
+    Image.fromarray(skimage.data.coffee()).save(folder / "b.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_locality_bad_input(capsys, tmp_path, two_images):
+    _one_line_error(capsys, ["locality", "--images", str(tmp_path / "missing.png")], "image not found")
+    _one_line_error(capsys, ["locality", "--images", str(tmp_path)], "holds no image file")
+    _one_line_error(capsys, ["locality", "--images", str(two_images), "--model", "vit_tiy_patch16_224"], "unknown")
+    _one_line_error(capsys, ["locality", "--images", str(two_images), "--kernel-size", "4"], "odd")
+    _one_line_error(capsys, ["locality", "--model", "vit_tiny_patch16_224", "--twin"], "DilateFormer")
+    with pytest.raises(SystemExit):
+        main(["locality", "--dilations", "1,0"])
+    assert "distinct positive integers" in capsys.readouterr().err
+
+
+def test_locality_of_a_vit_checkpoint_writes_table_json_and_png(capsys, tmp_path, two_images, check_png):
+    import timm
+    import torch
+
+    from dilateformer.analysis.locality import images_tensor, measure_locality
+    from dilateformer.analysis.visualize import load_image
+    from dilateformer.models import save_weights
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, dynamic_img_size=True).eval()
+    save_weights(vit, tmp_path / "vit.safetensors")
+    out = tmp_path / "out"
+    weights = str(tmp_path / "vit.safetensors")
+    argv = ["locality", "--model", "vit_tiny_patch16_224", "--model-kwargs", "depth=2", "--checkpoint", weights,
+            "--images", str(two_images), "--size", "64", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.1.attn" in printed and "x chance" in printed
+    payload = json.loads((out / "locality.json").read_text())
+    assert [layer["name"] for layer in payload["layers"]] == ["blocks.0.attn", "blocks.1.attn"]
+    assert len(payload["images"]) == 2  # the text file in the folder is not an image
+    # The command measured the checkpoint's weights: the same numbers as the model in memory.
+    cfg = vit.pretrained_cfg
+    images = images_tensor([load_image(p) for p in sorted(two_images.glob("*.[pj]*g"))], 64, cfg["mean"], cfg["std"])
+    expected = measure_locality(vit, images)
+    for got, want in zip(payload["layers"], expected, strict=True):
+        assert got["mean_distance_px"] == pytest.approx(want.mean_distance_px, rel=1e-5)
+        assert got["prefix_share"] == pytest.approx(want.prefix_share, rel=1e-5)
+    check_png(out / "locality.png", (1600, 520))
