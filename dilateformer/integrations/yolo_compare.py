@@ -566,7 +566,10 @@ def _locality(run: dict[str, Any], data_yaml: Path, settings: CompareSettings, o
 
     model = _load_trained(Path(run["weights"]), _torch_device(settings.device)).eval()
     images = _val_images(data_yaml, LOCALITY_IMAGES, settings.imgsz).to(next(model.parameters()).device)
-    results = measure_locality(model, images, kernel_size=3, dilations=(1, 2, 3))
+    from dilateformer.integrations.ultralytics_modules import DEFAULT_DILATIONS
+
+    # The windows of the MSDA variant at the same places (dilations 1-4): the attention it would be limited to.
+    results = measure_locality(model, images, kernel_size=3, dilations=DEFAULT_DILATIONS)
     title = f"{run['variant']} (seed {run['seed']}, trained): attention locality at {settings.imgsz}px"
     figure = locality_figure(results, output / "locality.png", title=title)
     return {
@@ -575,7 +578,7 @@ def _locality(run: dict[str, Any], data_yaml: Path, settings: CompareSettings, o
         "weights": run["weights"],
         "images": int(images.shape[0]),
         "table": locality_table(results),
-        "layers": [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(vars(r)) for r in results],
+        "layers": [r.as_dict() for r in results],
         "png": str(figure),
     }
 
