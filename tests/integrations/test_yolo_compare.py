@@ -26,20 +26,23 @@ QUICK_VARIANTS = yc.QUICK["variants"]
 QUICK_SEEDS = yc.QUICK["seeds"]
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """One ``--quick`` comparison in a fresh process (Ultralytics' trainer leaves global torch flags set)."""
-    output = tmp_path_factory.mktemp("yolo-compare") / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    start = time.perf_counter()
-    done = subprocess.run(
+def _quick(output: Path) -> subprocess.CompletedProcess:
+    """``--quick`` in a fresh process (Ultralytics' trainer leaves global torch flags set in its process)."""
+    return subprocess.run(
         [sys.executable, "-m", "dilateformer", "yolo-compare", "--quick", "--output", str(output)],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("yolo-compare") / "out"
+    start = time.perf_counter()
+    done = _quick(output)
     assert done.returncode == 0, done.stderr[-3000:]
     return output, done, time.perf_counter() - start
 
@@ -86,10 +89,18 @@ def test_rerun_skips_finished_runs_and_retrains_an_unfinished_one(quick_run, cap
     took = time.perf_counter() - start
     err = capsys.readouterr().err
     assert err.count("finished earlier, skipped") == len(QUICK_VARIANTS) * len(QUICK_SEEDS)
-    assert "Epoch" not in err
-    assert took < first_wall
+    assert "Epoch" not in err and took < first_wall
     after = json.loads((output / "yolo-compare.json").read_text())
     assert [r["map50_95"] for r in after["runs"]] == [r["map50_95"] for r in before["runs"]]
+    # A run killed before its result.json: its folder is there, half written; the rerun trains it (only it) again.
+    unfinished = output / "runs" / f"{QUICK_VARIANTS[1]}-s{QUICK_SEEDS[1]}"
+    (unfinished / "result.json").unlink()
+    (unfinished / "weights" / "best.pt").write_bytes(b"half a file")
+    done = _quick(output)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("finished earlier, skipped") == len(QUICK_VARIANTS) * len(QUICK_SEEDS) - 1
+    assert f"{QUICK_VARIANTS[1]} seed {QUICK_SEEDS[1]}: mAP50-95" in done.stderr
+    assert json.loads((unfinished / "result.json").read_text())["seed"] == QUICK_SEEDS[1]
 
 
 def test_a_changed_setting_is_refused_in_one_line(quick_run, capsys):
