@@ -51,9 +51,8 @@ __all__ = [
 DEFAULT_VARIANTS: tuple[str, ...] = ("yolov8n", "yolov8n-msda", "yolov8n-global", "yolov8n-cbam", "yolov8n-psa")
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
 # Training hyperparameters every variant shares, on top of Ultralytics' defaults. A fixed optimizer and learning
-# rate (Ultralytics' "auto" picks them from the class count and run length), and one warmup epoch instead of
-# three: the default run has only a few epochs, and YOLOv8n from scratch on the defect set learns nothing
-# measurable in them with three warmup epochs.
+# rate (Ultralytics' "auto" picks them from the class count and run length, so they would differ between data
+# sets), and one warmup epoch instead of three, so most of a short run trains at the full rate.
 RECIPE: dict[str, Any] = {"optimizer": "AdamW", "lr0": 0.002, "warmup_epochs": 1.0}
 SIGNIFICANCE_LEVEL = 0.05
 # Images used by the locality measure of the trained global-attention variant.
@@ -88,6 +87,8 @@ class CompareSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise TypeError(f"device must be 'cpu' or one CUDA device ('0', 'cuda:1'), got {self.device!r}")
         if self.imgsz % 32:
             raise ValueError(f"imgsz must be a multiple of 32 (YOLO's largest stride), got {self.imgsz}")
 
