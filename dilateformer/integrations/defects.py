@@ -13,7 +13,8 @@ are painted on them:
 
 Sizes span a few pixels to about a quarter of the image, and some images hold no defect at all. Each box bounds
 exactly the pixels its defect changed by more than ``VISIBLE_CHANGE`` (then widened to ``MIN_BOX_PIXELS`` if
-thinner), so labels never claim invisible pixels nor miss visible ones.
+thinner), so labels never claim untouched pixels nor miss changed ones; a defect that changes no pixel by
+``MIN_PEAK_CHANGE`` (too faint, or off the image) is not drawn at all.
 
 Every image is drawn from its own random stream, keyed by ``(seed, split, index)``: the same settings give
 byte-identical files on the same numpy and Pillow, and train image 7 is the same whatever ``num_val`` is. This
@@ -37,9 +38,12 @@ TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel")  # bundled in the sciki
 SPLITS: tuple[str, ...] = ("train", "val")
 # A pixel belongs to a defect when the defect moved one of its channels by more than this (on a 0..1 scale, ~10/255).
 VISIBLE_CHANGE = 0.04
+# A defect is kept only if it moves some pixel by this much (~38/255): fainter ones would be labels nobody can see.
+MIN_PEAK_CHANGE = 0.15
 # Boxes thinner than this are widened about their centre: Ultralytics' augmentation drops boxes under 2 px.
 MIN_BOX_PIXELS = 3
 MAX_DEFECTS = 6
+MAX_IMAGE_SIZE = 2048  # above this a typo is likelier than a plan: 300 such images are ~3 GB of PNG
 MARKER = ".dilateformer-defects.json"  # written last inside the temp dir: a root holding it is complete
 FORMAT_VERSION = 1
 SMALL_AREA = 32 * 32  # COCO's "small" object: under 32 x 32 pixels of area
@@ -67,7 +71,13 @@ class Box:
 
 @cache
 def _texture(name: str) -> np.ndarray:
-    import skimage.data
+    try:
+        import skimage.data
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "the defect dataset draws on scikit-image's textures: pip install scikit-image (or dilateformer[cli])",
+            name=error.name,
+        ) from error
 
     image = getattr(skimage.data, name)()
     if image.ndim == 3:
@@ -103,7 +113,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     angle = rng.uniform(0, 2 * np.pi)
     gray = gray + rng.uniform(0, 0.15) * (np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None])
     tint = 1.0 + rng.normal(0.0, 0.03, size=3).astype(np.float32)
-    image = gray[..., None] * tint + 0.012 * rng.standard_normal((size, size, 3), dtype=np.float32)
+    gray = gray + 0.012 * rng.standard_normal((size, size), dtype=np.float32)  # sensor noise
+    image = gray[..., None] * tint
     return np.clip(image, 0.0, 1.0)
 
 
@@ -231,7 +242,7 @@ def _spot(rng: np.random.Generator, image: np.ndarray) -> Painted:
     patch = image[window.slices]
     # The surface's own grain shows through the stain, as it does through a real one.
     grain = patch.mean(axis=2)
-    alpha = alpha * np.clip(0.8 + 0.8 * (grain - grain.mean()), 0.4, 1.0) * rng.uniform(0.45, 0.8)
+    alpha = alpha * np.clip(0.8 + 0.8 * (grain - grain.mean()), 0.4, 1.0) * rng.uniform(0.5, 0.85)
     colour = STAIN_COLOURS[rng.integers(len(STAIN_COLOURS))] * rng.uniform(0.85, 1.15)
     return window, patch * (1 - alpha[..., None]) + colour * alpha[..., None]
 
@@ -264,9 +275,10 @@ PAINTERS = {"scratch": _scratch, "crack": _crack, "spot": _spot, "hole": _hole}
 
 
 def _changed_box(window: _Window, before: np.ndarray, after: np.ndarray, cls: int, size: int) -> Box | None:
-    changed = np.abs(after - before).max(axis=2) > VISIBLE_CHANGE
-    if changed.sum() < 4:
-        return None  # fell off the image, or too faint to label: the caller drops it
+    change = np.abs(after - before).max(axis=2)
+    changed = change > VISIBLE_CHANGE
+    if changed.sum() < 4 or change.max() < MIN_PEAK_CHANGE:
+        return None  # fell off the image, or too faint to see: the caller drops it, drawn nowhere
     rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
     y0, y1 = window.y0 + int(rows[0]), window.y0 + int(rows[-1]) + 1
     x0, x1 = window.x0 + int(cols[0]), window.x0 + int(cols[-1]) + 1
@@ -370,6 +382,20 @@ def _generate(directory: Path, settings: dict) -> None:
             (labels / f"{stem}.txt").write_text("".join(box.yolo_line(size) + "\n" for box in boxes))
 
 
+def _swap_in(new: Path, root: Path) -> None:
+    """Replace the directory ``root`` by ``new``; if that fails, put the old ``root`` back."""
+    old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+    try:
+        os.replace(root, old / "dataset")
+        try:
+            os.replace(new, root)
+        except BaseException:
+            os.replace(old / "dataset", root)
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def make_defect_dataset(
     root: str | os.PathLike,
     *,
@@ -397,7 +423,7 @@ def make_defect_dataset(
         seed: non-negative; the same seed gives byte-identical images and labels.
         num_train: number of training images, >= 1.
         num_val: number of validation images, >= 1.
-        image_size: image side in pixels, a multiple of 32 (YOLO's stride) and at least 64.
+        image_size: image side in pixels, a multiple of 32 (YOLO's stride) in 64..``MAX_IMAGE_SIZE``.
         overwrite: replace a dataset this function wrote earlier with other settings.
     """
     if not isinstance(root, (str, os.PathLike)):
@@ -406,8 +432,10 @@ def make_defect_dataset(
     num_train = _check_int("num_train", num_train, 1)
     num_val = _check_int("num_val", num_val, 1)
     image_size = _check_int("image_size", image_size, 64)
-    if image_size % 32:
-        raise ValueError(f"image_size must be a multiple of 32 (YOLO's largest stride), got {image_size}")
+    if image_size % 32 or image_size > MAX_IMAGE_SIZE:
+        raise ValueError(
+            f"image_size must be a multiple of 32 (YOLO's stride) in 64..{MAX_IMAGE_SIZE}, got {image_size}"
+        )
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {type(overwrite).__name__}")
 
@@ -428,8 +456,10 @@ def make_defect_dataset(
                 _write_text_atomic(yaml_path, _yaml_text(root))  # the dataset was moved: point its YAML here
             return yaml_path
         if not overwrite:
+            held = marker.get("settings") or {}
+            differ = ", ".join(f"{k}={held.get(k)!r} (asked {v!r})" for k, v in settings.items() if held.get(k) != v)
             raise ValueError(
-                f"root {root} holds a defect dataset with other settings ({marker.get('settings')}); "
+                f"root {root} holds a defect dataset with other settings: {differ}; "
                 "pass overwrite=True (--overwrite) to replace it, or pick another root"
             )
 
@@ -440,15 +470,18 @@ def make_defect_dataset(
         (work / "data.yaml").write_text(_yaml_text(root))
         stats = dataset_stats(work, image_size=image_size)
         (work / MARKER).write_text(json.dumps({"settings": settings, "root": str(root), "stats": stats}, indent=2))
-        if ours:  # overwrite: move the old dataset aside first, so a failure here still leaves one complete root
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, old / "dataset")
-            os.replace(work, root)
-            shutil.rmtree(old, ignore_errors=True)
+        if ours:
+            _swap_in(work, root)
         else:
-            if root.is_dir():
-                root.rmdir()  # empty (checked above); os.replace onto a directory is not portable
-            os.replace(work, root)
+            try:
+                if root.is_dir():
+                    root.rmdir()  # empty (checked above); os.replace onto a directory is not portable
+                os.replace(work, root)
+            except OSError:
+                marker = _read_marker(root)
+                if not (marker and marker.get("settings") == settings):
+                    raise
+                shutil.rmtree(work)  # a concurrent call with the same settings finished first: the same files
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
