@@ -68,6 +68,8 @@ def _create_model(name: str, checkpoint: str | None, *, any_timm: bool = False, 
     """
     from dilateformer.analysis.visualize import create_registered_model
 
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise CommandError(f"--checkpoint: {checkpoint} does not exist")
     other_timm = any_timm and not name.startswith("dilateformer")
     if other_timm:
         from dilateformer.train.errors import CLIError
@@ -345,10 +347,6 @@ def _add_benchmark(subparsers) -> None:
 
 # -------------------------------------------------------------------------------------------------- locality
 
-LOCALITY_LEGEND = (
-    "dist px: mean attention distance in input pixels (uniform px: the same for uniform attention); win dN, "
-    "union: attention mass inside MSDA's dilated windows; chance: the same for uniform attention"
-)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -383,7 +381,13 @@ def _dilations(text: str) -> tuple[int, ...]:
 
 
 def _run_locality(args: argparse.Namespace) -> int:
-    from dilateformer.analysis.locality import images_tensor, locality_figure, locality_table, measure_locality
+    from dilateformer.analysis.locality import (
+        TABLE_LEGEND,
+        images_tensor,
+        locality_figure,
+        locality_table,
+        measure_locality,
+    )
     from dilateformer.analysis.visualize import IMAGENET_MEAN, IMAGENET_STD, global_twin
 
     if not 1 <= args.size <= MAX_VISUALIZE_SIZE:
@@ -400,9 +404,15 @@ def _run_locality(args: argparse.Namespace) -> int:
         kwargs = parse_model_kwargs(args.model_kwargs)
     except CLIError as error:
         raise CommandError(str(error)) from None
-    if not args.model.startswith("dilateformer"):
-        kwargs.setdefault("dynamic_img_size", True)  # a ViT then takes any --size, with the checkpoint's embeddings
-    model = _create_model(args.model, args.checkpoint, any_timm=True, **kwargs)
+    model = None
+    if not args.model.startswith("dilateformer") and "dynamic_img_size" not in kwargs:
+        try:  # a ViT then takes any --size, with the checkpoint's position embeddings
+            model = _create_model(args.model, args.checkpoint, any_timm=True, dynamic_img_size=True, **kwargs)
+        except CommandError as error:
+            if "dynamic_img_size" not in str(error):
+                raise
+    if model is None:
+        model = _create_model(args.model, args.checkpoint, any_timm=True, **kwargs)
     if args.twin:
         kwargs.pop("attn_types", None)
         model = global_twin(args.model, model, **kwargs).eval()
@@ -416,7 +426,7 @@ def _run_locality(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     print(f"{args.model}{' (global twin)' if args.twin else ''} at {args.size}x{args.size}, {len(sources)} images:")
     print(locality_table(results))
-    print(LOCALITY_LEGEND)
+    print(TABLE_LEGEND)
     out = Path(args.output)
     payload = dict(
         command="locality",

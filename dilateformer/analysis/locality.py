@@ -461,6 +461,11 @@ def images_tensor(images: Iterable, size: int, mean: Sequence[float], std: Seque
 
 # ------------------------------------------------------------------------------------------------ reporting
 
+TABLE_LEGEND = (
+    "dist px: mean attention distance in input pixels (uniform px: the same for uniform attention); win dN, "
+    "union: attention mass inside MSDA's dilated windows at dilation N, or any of them; chance: the same for "
+    "uniform attention; x chance: union / chance; prefix: mass on cls/register tokens; entropy: 1 = uniform"
+)
 SUGGEST_METRICS = ("union_share", "union_over_chance", "entropy_ratio")
 
 
@@ -505,6 +510,15 @@ def locality_table(results: Sequence[LayerLocality]) -> str:
     return format_table(headers, rows)
 
 
+def _two_lines(name: str) -> str:
+    """A long module name split at the dot nearest its middle, so neighbouring tick labels do not run together."""
+    dots = [i for i, c in enumerate(name) if c == "."]
+    if len(name) <= 12 or not dots:
+        return name
+    cut = min(dots, key=lambda i: abs(i - len(name) / 2))
+    return f"{name[: cut + 1]}\n{name[cut + 1 :]}"
+
+
 def locality_figure(
     results: Sequence[LayerLocality], output: str | Path, title: str = "How local is attention?"
 ) -> Path:
@@ -543,9 +557,13 @@ def locality_figure(
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("ratio")
     ax.set_title("spread (1 = uniform, 0 = one key)", pad=4)
+    many = len(x) > 4  # then one rotated line per label; a few fit as two upright lines
+    ticks = [
+        f"{n} ({r.grid[0]}x{r.grid[1]})" if many else f"{_two_lines(n)}\n{r.grid[0]}x{r.grid[1]}"
+        for n, r in zip(names, results, strict=True)
+    ]
     for ax in axes:
-        ax.set_xticks(x, [f"{n}\n{r.grid[0]}x{r.grid[1]}" for n, r in zip(names, results, strict=True)],
-                      rotation=60 if len(x) > 4 else 0, fontsize=8, ha="right" if len(x) > 4 else "center")  # fmt: skip
+        ax.set_xticks(x, ticks, rotation=50 if many else 0, fontsize=8, ha="right" if many else "center")
         ax.set_xlabel("layer (token grid)")
         ax.grid(alpha=0.3)
         # Above the panel, not on it: the curves may lie anywhere in [0, 1].

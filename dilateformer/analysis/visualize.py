@@ -219,59 +219,82 @@ def attention_figure(
     *,
     twin: nn.Module | None = None,
     size: int = 224,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
 ):
     """Draw where MSDA and global attention look for each query; write a PNG if ``output`` is given.
 
     Args:
-        image: a path, a PIL image or an HxWx3 uint8 array (e.g. ``skimage.data.chelsea()``).
+        image: a path, a PIL image or an HxWx3 uint8 array (e.g. ``skimage.data.chelsea()``); or a list of
+            them, one figure row each.
         model: a DilateFormer-shaped model (``model.stages[i].blocks[j].attn``), in eval mode or not.
-        queries: ``(y, x)`` pixels of ``image``; default its centre.
+        queries: ``(y, x)`` pixels of ``image``, one row each; default its centre. With a list of images:
+            one query per image (default each image's centre).
         stage, block: the MSDA layer to show.
         output: PNG path.
         twin: a global-attention twin (e.g. :func:`global_twin`); its layer at ``(stage, block)`` is the
             comparison. Without one, the comparison is this model's first global stage.
-        size: shorter side of the model input; both sides are rounded to a multiple of 32.
+        size: shorter side of the model input; both sides are rounded to a multiple of 32. Give a model the
+            resolution it was trained at: its attention at another one is not what it learned.
+        labels: one line per row shown above its query, e.g. ``"digit 3"``.
+        title: the figure's title; default names the layers, strides and input size.
 
-    Returns the matplotlib Figure (closed if it was written to ``output``).
+    Small images (under 100 pixels a side) are drawn with nearest-neighbour upsampling, so their pixels stay
+    visible. Returns the matplotlib Figure (closed if it was written to ``output``).
     """
     import matplotlib.pyplot as plt
 
     layer_name, msda_layer = pick_msda_layer(model, stage, block)
-    if isinstance(image, (str, Path)):
-        image = load_image(image)
-    image_hw = (image.height, image.width) if hasattr(image, "height") else tuple(np.asarray(image).shape[:2])
-    queries = check_queries(queries or [((image_hw[0] - 1) / 2, (image_hw[1] - 1) / 2)], image_hw)
-    resized, x = prepare_image(image, size, model)
-    in_hw = resized.shape[:2]
-    sy, sx = image_hw[0] / in_hw[0], image_hw[1] / in_hw[1]  # model pixels -> original pixels
-
+    if isinstance(image, (list, tuple)):
+        images = [load_image(i) if isinstance(i, (str, Path)) else i for i in image]
+        if queries is not None and len(queries) != len(images):
+            raise InputError(f"with {len(images)} images, give one query per image, got {len(queries)}")
+        per_image = [[q] if q is not None else None for q in (queries or [None] * len(images))]
+    else:
+        images = [load_image(image) if isinstance(image, (str, Path)) else image]
+        per_image = [queries]
+    rows = []  # (label, query, model-input pixels, MSDA record, global record, original image hw)
     global_model, global_name, global_desc = pick_global_layer(model, twin, stage, block)
-    msda_rec = _run_and_capture(model, layer_name, x)
-    glob_rec = _run_and_capture(global_model, global_name, x)
-    msda_stride = in_hw[0] / msda_rec.grid[0]
-    glob_stride = in_hw[0] / glob_rec.grid[0]
+    for n, (img, img_queries) in enumerate(zip(images, per_image, strict=True)):
+        image_hw = (img.height, img.width) if hasattr(img, "height") else tuple(np.asarray(img).shape[:2])
+        img_queries = check_queries(img_queries or [((image_hw[0] - 1) / 2, (image_hw[1] - 1) / 2)], image_hw)
+        resized, x = prepare_image(img, size, model)
+        msda_rec = _run_and_capture(model, layer_name, x)
+        glob_rec = _run_and_capture(global_model, global_name, x)
+        label = labels[n] if labels else None
+        for query in img_queries:
+            rows.append((label, query, resized, msda_rec, glob_rec, image_hw))
+    in_hw = rows[0][2].shape[:2]
+    msda_stride = in_hw[0] / rows[0][3].grid[0]
+    glob_stride = in_hw[0] / rows[0][4].grid[0]
 
     n_groups = len(msda_layer.dilations)
     ncols = n_groups + 2
     fig, axes = plt.subplots(
-        len(queries),
+        len(rows),
         ncols,
-        figsize=(3.3 * ncols + 0.9, 3.3 * len(queries) + 1.6),
+        figsize=(3.3 * ncols + 0.9, 3.3 * len(rows) + 1.6),
         dpi=DPI,
         squeeze=False,
         layout="constrained",
     )
-    extent = (0, image_hw[1], image_hw[0], 0)  # imshow in original pixel coordinates
     cmap = plt.get_cmap("viridis")
-    tokens = [_token(qy / sy, qx / sx, msda_stride, msda_rec.grid) for qy, qx in queries]
-    all_windows = [msda_windows(msda_rec, token) for token in tokens]
+    geometry = []
+    for _, (qy, qx), resized, msda_rec, _, image_hw in rows:
+        sy, sx = image_hw[0] / resized.shape[0], image_hw[1] / resized.shape[1]  # model pixels -> original pixels
+        token = _token(qy / sy, qx / sx, in_hw[0] / msda_rec.grid[0], msda_rec.grid)
+        geometry.append((sy, sx, token, msda_windows(msda_rec, token)))
     # One colour scale for every MSDA panel, so weights compare across groups and queries.
-    vmax = max(float(w.weights.max()) for windows in all_windows for w in windows)
-    cell_h, cell_w = msda_stride * sy, msda_stride * sx
+    vmax = max(float(w.weights.max()) for *_, windows in geometry for w in windows)
     reach = (msda_layer.kernel_size // 2) * max(msda_layer.dilations) + 1.5
     glob_artist = None
 
-    for row, ((qy, qx), (ty, tx), windows) in enumerate(zip(queries, tokens, all_windows, strict=True)):
+    for row, ((label, (qy, qx), resized, _, glob_rec, image_hw), (sy, sx, (ty, tx), windows)) in enumerate(
+        zip(rows, geometry, strict=True)
+    ):
+        extent = (0, image_hw[1], image_hw[0], 0)  # imshow in original pixel coordinates
+        pixels = "nearest" if min(image_hw) < 100 else "antialiased"
+        cell_h, cell_w = msda_stride * sy, msda_stride * sx
         crop = (
             max(0.0, (ty + 0.5 - reach) * cell_h),
             min(image_hw[0], (ty + 0.5 + reach) * cell_h),
@@ -279,16 +302,17 @@ def attention_figure(
             min(image_hw[1], (tx + 0.5 + reach) * cell_w),
         )
         ax = axes[row, 0]
-        ax.imshow(resized, extent=extent)
+        ax.imshow(resized, extent=extent, interpolation=pixels)
         ax.plot(qx, qy, **QUERY_STYLE)
         ax.add_patch(
             Rectangle((crop[2], crop[0]), crop[3] - crop[2], crop[1] - crop[0], fill=False, ec="yellow", lw=1.5)
         )
-        ax.set_title(f"query {row + 1}: y={qy:g}, x={qx:g}", fontsize=10)
+        head = f"{label}\n" if label else ""
+        ax.set_title(f"{head}query {row + 1}: y={qy:g}, x={qx:g}", fontsize=10)
 
         for g, window in enumerate(windows):
             ax = axes[row, 1 + g]
-            _draw_window(ax, window, resized, extent, (cell_h, cell_w), (ty, tx), cmap, vmax)
+            _draw_window(ax, window, resized, extent, (cell_h, cell_w), (ty, tx), cmap, vmax, pixels)
             ax.set_xlim(crop[2], crop[3])
             ax.set_ylim(crop[1], crop[0])
 
@@ -296,7 +320,7 @@ def attention_figure(
         gy, gx = _token(qy / sy, qx / sx, glob_stride, glob_rec.grid)
         # In multiples of the uniform weight 1/N: readable whatever N is, and 1 means "no preference".
         gmap = global_map(glob_rec, (gy, gx)) * glob_rec.probs.shape[-1]
-        ax.imshow(resized, extent=extent)
+        ax.imshow(resized, extent=extent, interpolation=pixels)
         glob_artist = ax.imshow(gmap, extent=extent, cmap="magma", alpha=0.65, interpolation="nearest")
         ax.plot(qx, qy, **QUERY_STYLE)
         ax.set_title(f"global attention over all {gmap.size} keys\nmax {gmap.max():.2f} x uniform", fontsize=10)
@@ -329,7 +353,8 @@ def attention_figure(
         fontsize=9,
     )
     fig.suptitle(
-        f"Where a query looks: MSDA {layer_name} (stride {msda_stride:g} px, {msda_layer.kernel_size}x"
+        title
+        or f"Where a query looks: MSDA {layer_name} (stride {msda_stride:g} px, {msda_layer.kernel_size}x"
         f"{msda_layer.kernel_size} window) vs {global_desc} (stride {glob_stride:g} px); "
         f"model input {in_hw[0]}x{in_hw[1]}",
         fontsize=12,
@@ -350,9 +375,11 @@ def _run_and_capture(model: nn.Module, name: str, x: torch.Tensor) -> CapturedAt
     return captured[name]
 
 
-def _draw_window(ax, window: GroupWindow, image, extent, cell, query, cmap, vmax: float) -> None:
+def _draw_window(
+    ax, window: GroupWindow, image, extent, cell, query, cmap, vmax: float, interpolation: str = "antialiased"
+) -> None:
     cell_h, cell_w = cell
-    ax.imshow(image, extent=extent, alpha=0.55)
+    ax.imshow(image, extent=extent, alpha=0.55, interpolation=interpolation)
     k = len(window.rows)
     for a in range(k):
         for b in range(k):

@@ -5,8 +5,11 @@
    backward and img/s.
 2. Sweep the input resolution: MSDA's multiply-adds, time and memory grow linearly with the pixel count, global
    attention's multiply-adds and time quadratically.
-3. Draw where one query pixel attends on scikit-image's 'chelsea' photo (MSDA's dilated windows next to the
-   twin's global map), with :func:`dilateformer.analysis.visualize.attention_figure`.
+3. Draw where a query pixel attends on a few validation digits, with the trained models at the 32x32 they were
+   trained at (MSDA's dilated windows next to the twin's global map), with
+   :func:`dilateformer.analysis.visualize.attention_figure`.
+4. Measure how local the trained twin's global attention is on the validation digits
+   (:func:`dilateformer.analysis.locality.measure_locality`): distance, mass inside MSDA's windows, entropy.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,16 +32,16 @@ from dilateformer.train.errors import CLIError
 DEMO_MODEL = "dilateformer_nano"
 MSDA_LAYOUT = ("msda", "msda", "global", "global")
 GLOBAL_LAYOUT = ("global",) * 4
-# (y, x) of the cat's left eye in chelsea (300x451): MSDA's windows stay on the face around it.
-CHELSEA_QUERY = (105.0, 165.0)
+# Validation digits drawn in the attention figure (the first image of each class, in this order).
+FIGURE_DIGITS = (3, 5, 8)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
         return dict(epochs=args.epochs or 1, embed_dim=12, img_size=32, batch=64, train_limit=256,
-                    sizes=[32, 64], repeats=2, figure_size=96)  # fmt: skip
+                    sizes=[32, 64], repeats=2, figure_digits=2)  # fmt: skip
     return dict(epochs=args.epochs or 8, embed_dim=24, img_size=32, batch=64, train_limit=None,
-                sizes=[64, 128, 192, 256, 384], repeats=3, figure_size=224)  # fmt: skip
+                sizes=[64, 128, 192, 256, 384], repeats=3, figure_digits=3)  # fmt: skip
 
 
 def _parse_sizes(text: str | None, default: list[int]) -> list[int]:
@@ -160,7 +164,9 @@ def run_demo(args: argparse.Namespace) -> int:
     with use_backend(resolved):
         result = _run(settings, args.seed, output, say)
     result["wall_seconds"] = time.perf_counter() - started
-    (output / "demo.json").write_text(json.dumps(result, indent=2))
+    tmp = output / ".demo.json.tmp"  # atomic: an interrupted write never leaves a truncated demo.json
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, output / "demo.json")
     say(f"\ndone in {result['wall_seconds']:.0f}s; outputs in {output.resolve()}")
     return 0
 
@@ -231,20 +237,66 @@ def _run(settings: dict[str, Any], seed: int, output: Path, say) -> dict[str, An
             "quadratically in memory."
         )
 
-    say("\n3. attention map on scikit-image's 'chelsea'")
-    png = output / "attention_chelsea.png"
-    _attention_png(models, png, settings["figure_size"])
+    val_set = loaders[1].dataset
+    say(f"\n3. attention maps on validation digits, at the {size}x{size} the models were trained at")
+    png = output / "attention_digits.png"
+    _attention_png(models, png, val_set, settings["figure_digits"], size)
     say(f"  wrote {png}")
-    return dict(settings=settings, table=summary, sweep=sweep, slopes=slopes, attention_png=str(png))
+
+    say(f"\n4. how local is the trained twin's global attention? ({len(val_set)} validation digits, {size}x{size})")
+    locality, locality_png = _locality(models["global twin (global x4)"], loaders[1], output, size, say)
+    return dict(settings=settings, table=summary, sweep=sweep, slopes=slopes, attention_png=str(png),
+                locality=locality, locality_png=str(locality_png))  # fmt: skip
 
 
-def _attention_png(models: dict[str, nn.Module], png: Path, size: int) -> None:
-    from skimage import data as skdata
+def _stroke_query(image) -> tuple[float, float]:
+    """The ink pixel nearest the image centre: a query on the digit's stroke, not on the empty background."""
+    import numpy as np
 
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    ys, xs = np.nonzero(grey >= 0.5 * grey.max())
+    centre = ((grey.shape[0] - 1) / 2, (grey.shape[1] - 1) / 2)
+    best = int(np.argmin((ys - centre[0]) ** 2 + (xs - centre[1]) ** 2))
+    return float(ys[best]), float(xs[best])
+
+
+def _attention_png(models: dict[str, nn.Module], png: Path, val_set, count: int, size: int) -> None:
     from dilateformer.analysis.visualize import attention_figure
 
     msda, twin = list(models.values())
     msda.eval()
     twin.eval()
-    attention_figure(skdata.chelsea(), msda, queries=[CHELSEA_QUERY], stage=0, block=0, output=png, twin=twin,
-                     size=size)  # fmt: skip
+    digits = FIGURE_DIGITS[:count]
+    images = [val_set.images[val_set.targets.index(d)] for d in digits]
+    attention_figure(
+        images, msda, queries=[_stroke_query(i) for i in images], stage=0, block=0, output=png, twin=twin, size=size,
+        labels=[f"validation digit {d}" for d in digits],
+        title=f"Where a query on the stroke looks, trained models at their training size {size}x{size}: "
+        "MSDA stages.0.blocks.0 vs the global twin's same block",
+    )  # fmt: skip
+
+
+def _locality(twin: nn.Module, val_loader, output: Path, size: int, say) -> tuple[list[dict[str, Any]], Path]:
+    from dilateformer.analysis.locality import (
+        TABLE_LEGEND,
+        locality_figure,
+        locality_table,
+        measure_locality,
+        union_over_chance,
+    )
+
+    results = measure_locality(twin, val_loader, batch_size=64)
+    say(locality_table(results))
+    say(f"  {TABLE_LEGEND}")
+    for r in results:
+        if r.uniform_union_share >= 0.999:
+            say(f"  {r.name} ({r.grid[0]}x{r.grid[1]} grid): every key is inside the windows; it cannot tell")
+        else:
+            say(f"  {r.name} ({r.grid[0]}x{r.grid[1]} grid): {100 * r.union_share:.0f}% of the mass inside MSDA's "
+                f"windows, uniform attention would put {100 * r.uniform_union_share:.0f}% there "
+                f"({union_over_chance(r):.2f}x chance); distance {r.mean_distance_px:.1f} px vs "
+                f"{r.uniform_distance_px:.1f} px uniform")  # fmt: skip
+    title = f"How local is the trained global twin's attention? validation digits, {size}x{size}"
+    png = locality_figure(results, output / "locality_twin.png", title=title)
+    say(f"  wrote {png}")
+    return [r.as_dict() for r in results], png

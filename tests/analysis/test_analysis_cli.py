@@ -106,6 +106,11 @@ def test_locality_bad_input(capsys, tmp_path, two_images):
     _one_line_error(capsys, ["locality", "--images", str(two_images), "--model", "vit_tiy_patch16_224"], "unknown")
     _one_line_error(capsys, ["locality", "--images", str(two_images), "--kernel-size", "4"], "odd")
     _one_line_error(capsys, ["locality", "--model", "vit_tiny_patch16_224", "--twin"], "DilateFormer")
+    missing = ["locality", "--images", str(two_images), "--model", "vit_tiny_patch16_224", "--checkpoint", "nope.pt"]
+    _one_line_error(capsys, missing, "nope.pt does not exist")
+    # A timm model without dynamic_img_size is still built; it just has nothing to measure.
+    resnet = ["locality", "--images", str(two_images), "--model", "resnet18", "--size", "32"]
+    _one_line_error(capsys, resnet, "ResNet has no global attention layer")
     with pytest.raises(SystemExit):
         main(["locality", "--dilations", "1,0"])
     assert "distinct positive integers" in capsys.readouterr().err

@@ -233,3 +233,19 @@ def test_cli_takes_a_run_dir_a_jpeg_output_and_a_negative_query(tmp_path, capsys
     assert main([*argv, "--query", "-1,-1", "--output", str(tmp_path / "q.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "query y=-1, x=-1 is outside the image" in err[0]
+
+
+def test_figure_of_several_small_images_one_row_each(nano, tmp_path, check_png):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    twin = global_twin("dilateformer_nano", nano).eval()
+    fig = attention_figure(images, nano, [(3, 4), (20, 30)], twin=twin, size=32, labels=["first", "second"])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "first\nquery 1: y=3, x=4" in titles and "second\nquery 2: y=20, x=30" in titles
+    # Stage 0 at 32x32 input: an 8x8 grid, so the global panel spans 64 keys; a small image is drawn pixel by pixel.
+    assert sum("over all 64 keys" in t for t in titles) == 2
+    assert fig.axes[0].images[0].get_interpolation() == "nearest"
+    with pytest.raises(InputError, match="one query per image"):
+        attention_figure(images, nano, [(3, 4)], twin=twin, size=32)
+    attention_figure(images, nano, twin=twin, size=32, output=tmp_path / "two.png")
+    check_png(tmp_path / "two.png", (1740, 820))

@@ -1,4 +1,4 @@
-"""``dilateformer demo --quick`` runs end to end offline and writes its table, sweep and attention PNG."""
+"""``dilateformer demo --quick`` runs end to end offline and writes its table, sweep, attention and locality PNGs."""
 
 from __future__ import annotations
 
@@ -38,8 +38,19 @@ def test_demo_quick(tmp_path: Path, run_cli) -> None:
     # Multiply-adds grow with the pixel count: linearly for MSDA, faster for the twin (its attention is counted).
     slopes = [s["gmacs"] for s in result["slopes"].values()]
     assert 0.9 < slopes[0] < slopes[1]
-    png = Image.open(out / "attention_chelsea.png")
-    pixels = np.asarray(png.convert("L"), dtype=np.float32)
-    assert png.width > 300 and png.height > 200 and pixels.std() > 10  # a real figure, not a blank canvas
-    for header in ("val top-1 %", "params", "GMACs@32", "MB saved", "img/s", "growth exponents"):
+    for name in ("attention_digits.png", "locality_twin.png"):
+        png = Image.open(out / name)
+        pixels = np.asarray(png.convert("L"), dtype=np.float32)
+        assert png.width > 300 and png.height > 200 and pixels.std() > 10  # a real figure, not a blank canvas
+    assert result["attention_png"].endswith("attention_digits.png")
+    # The twin's locality at the training size, one record per stage, on the grids of a 32x32 input.
+    records = result["locality"]
+    assert [r["grid"] for r in records] == [[8, 8], [4, 4], [2, 2], [1, 1]]
+    for r in records:
+        assert r["num_images"] == 360 and r["num_prefix"] == 0
+        assert r["mean_distance_px"] >= 0 and 0 <= r["entropy_ratio"] <= 1 + 1e-6
+        shares = [r["union_share"], *r["window_share"].values(), *r["uniform_window_share"].values()]
+        assert all(0 <= v <= 1 + 1e-6 for v in shares)
+        assert r["union_share"] >= max(r["window_share"].values()) - 1e-6  # the union holds every window
+    for header in ("val top-1 %", "params", "GMACs@32", "MB saved", "img/s", "growth exponents", "win d1", "x chance"):
         assert header in done.stdout
