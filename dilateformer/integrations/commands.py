@@ -7,6 +7,8 @@ Ultralytics (AGPL-3.0, the ``[yolo]`` extra) is imported only when ``yolo-compar
 from __future__ import annotations
 
 import argparse
+import re
+from pathlib import Path
 
 # ------------------------------------------------------------------------------------------------- defects
 
@@ -91,8 +93,149 @@ def _add_defects(subparsers) -> None:
 # -------------------------------------------------------------------------------------------- yolo-compare
 
 
+_DEVICE = re.compile(r"^(cpu|\d+|cuda(:\d+)?)$")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+def _imgsz(text: str) -> int:
+    value = _positive_int(text)
+    if value % 32:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 32 (YOLO's largest stride), got {text!r}")
+    return value
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        seeds = ()
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct ints >= 0 separated by commas (e.g. 0,1,2), got {text!r}")
+    return seeds
+
+
+def _variant_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(","))
+    if not names or not all(names):
+        raise argparse.ArgumentTypeError(f"expected model names or YAML files separated by commas, got {text!r}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a variant is named twice in {text!r}")
+    if any("://" in n for n in names):
+        raise argparse.ArgumentTypeError(f"expected local model names or YAML files, not URLs: {text!r}")
+    return names
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"expected cpu, a CUDA index (0) or cuda:N (one device), got {text!r}")
+    return text
+
+
+def _data_yaml(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such data YAML: {text!r}")
+    return text
+
+
+def _run_yolo_compare(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    from dilateformer.analysis.commands import CommandError
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # before Ultralytics' first import: it reads it once
+    try:
+        import ultralytics  # noqa: F401
+    except ImportError as error:
+        raise CommandError("needs Ultralytics: pip install 'dilateformer[yolo]' (AGPL-3.0)") from error
+    import torch
+
+    from dilateformer.integrations import yolo_compare as yc
+
+    preset = yc.QUICK if args.quick else {"variants": yc.DEFAULT_VARIANTS, "seeds": yc.DEFAULT_SEEDS}
+    base = preset.get("settings", yc.CompareSettings())
+    device = args.device or ("0" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if args.amp and device == "cpu":
+        raise CommandError("--amp needs a CUDA --device (Ultralytics trains in float32 on CPU)")
+    overrides = {k: getattr(args, k) for k in ("epochs", "imgsz", "batch") if getattr(args, k) is not None}
+    settings = dataclasses.replace(base, device=device, amp=args.amp, **overrides)
+    try:
+        variants = [yc.resolve_variant(v) for v in (args.variants or preset["variants"])]
+        payload = yc.run_comparison(variants, args.seeds or preset["seeds"], settings, args.output, data=args.data)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    print(payload["table"])
+    if payload["locality"]:
+        loc = payload["locality"]
+        print(
+            f"\nattention locality of {loc['variant']} (seed {loc['seed']}, best.pt) on {loc['images']} validation "
+            f"images:\n{loc['table']}"
+        )
+    wrote = [Path(args.output) / "yolo-compare.json", payload["png"]] + (
+        [payload["locality"]["png"]] if payload["locality"] else []
+    )
+    print(
+        f"\ntotal {payload['total_wall_s']:.0f} s (training runs {payload['runs_wall_s']:.0f} s); wrote "
+        + ", ".join(str(w) for w in wrote)
+    )
+    return 0
+
+
 def _add_yolo_compare(subparsers) -> None:
     """Owned by the YOLO comparison work: ``dilateformer yolo-compare [--data YAML] [--variants ...] ...``."""
+    from dilateformer.analysis.commands import _guarded
+
+    p = subparsers.add_parser(
+        "yolo-compare",
+        help="train YOLO variants (MSDA, global, CBAM, PSA, ...) with one recipe and several seeds; compare them",
+        description="Train each YOLO variant with Ultralytics' trainer on one data YAML, with the same recipe "
+        "and seeds, then print one table (mAP50 and mAP50-95 mean ± std over seeds, the difference to the first "
+        "variant and whether it exceeds seed spread, params, GFLOPs, training memory, train img/s, inference ms) "
+        "and write it as JSON and PNG. Finished runs are kept: a rerun skips them. Needs Ultralytics "
+        "(pip install 'dilateformer[yolo]', AGPL-3.0).",
+    )
+    p.add_argument(
+        "--data",
+        type=_data_yaml,
+        help="Ultralytics detection data YAML (default: the synthetic defect set, generated into OUTPUT/data)",
+    )
+    p.add_argument(
+        "--variants",
+        type=_variant_list,
+        help="comma-separated model names (shipped: yolov8n-msda, yolov8n-global, yolov8n-cbam, yolov8n-psa, "
+        "yolo11n-msda; Ultralytics': yolov8n, yolo11n, ...) or YAML files; the first is the baseline "
+        "(default: yolov8n,yolov8n-msda,yolov8n-global,yolov8n-cbam,yolov8n-psa)",
+    )
+    p.add_argument("--seeds", type=_seed_list, help="comma-separated training seeds (default 0,1,2)")
+    p.add_argument("--epochs", type=_positive_int, help="training epochs per run (default 8)")
+    p.add_argument("--imgsz", type=_imgsz, help="training image size, a multiple of 32 (default 256)")
+    p.add_argument("--batch", type=_positive_int, help="training batch size (default 8)")
+    p.add_argument("--device", type=_device, help="cpu, or one CUDA device: 0, cuda:1 (default: 0 if CUDA, else cpu)")
+    p.add_argument("--amp", action="store_true", help="mixed-precision training (CUDA only; default float32)")
+    p.add_argument(
+        "--output",
+        default="runs/yolo-compare",
+        help="folder for the runs, the table JSON and the PNGs; rerunning into it skips finished runs "
+        "(default runs/yolo-compare)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test of a few minutes: 3 variants x 2 seeds, 1 epoch, 64 px, 16 generated images "
+        "(explicit flags still override)",
+    )
+    p.set_defaults(func=_guarded("yolo-compare", _run_yolo_compare))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

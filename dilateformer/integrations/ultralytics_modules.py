@@ -14,6 +14,9 @@ Layers (names as written in a model YAML; ``c1``, the input channels, always com
   attention is MSDA; like C2PSA it keeps the channel count (``c2`` scales to the input width).
 - ``GlobalAttn``: ``[-1, 1, GlobalAttn, [num_heads]]``. Multi-head attention over all positions, MSDA's twin,
   for comparisons.
+- ``CBAM``: ``[-1, 1, CBAM, [kernel_size]]``. Ultralytics' own channel + spatial attention
+  (``ultralytics.nn.modules.CBAM``), which its ``parse_model`` ships but cannot place (it would not fill in
+  ``c1``); registered here so comparisons can name it. Output shape equals input shape.
 
 Heads default to a multiple of ``len(dilations)`` that divides the channels, with a head width near 32. The
 default dilations ``(1, 2, 3, 4)`` fit every YOLO width: Ultralytics rounds layer widths to a multiple of 8,
@@ -32,7 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from ultralytics.nn.modules import C2PSA, C2f, Conv
+from ultralytics.nn.modules import C2PSA, CBAM, C2f, Conv
 
 from dilateformer.functional import check_dilations
 from dilateformer.nn.attention import GlobalAttention, MultiScaleDilatedAttention
@@ -288,9 +291,10 @@ LAYERS: dict[str, type[nn.Module]] = {
     "C2f_MSDA": C2f_MSDA,
     "C2PSA_MSDA": C2PSA_MSDA,
     "GlobalAttn": GlobalAttn,
+    "CBAM": CBAM,  # Ultralytics' class, unchanged: only its c1 needs the plug-in
 }
 # Layers whose output has the input's width, and those whose YAML starts with the output width c2 (like C2f).
-_KEEPS_WIDTH = frozenset({"MSDA", "GlobalAttn"})
+_KEEPS_WIDTH = frozenset({"MSDA", "GlobalAttn", "CBAM"})
 _SETS_WIDTH = frozenset({"C2f_MSDA", "C2PSA_MSDA"})
 _PROBE = "_DilateformerChannelProbe"
 
@@ -406,7 +410,7 @@ def _log_table(d: dict, rows: list[list[Any]], layers: list[nn.Module], shown: d
 
 # -------------------------------------------------------------------------------------- names, DDP, register
 
-_SHIPPED = re.compile(r"^(?P<family>yolov8|yolo11)(?P<scale>[nslmx])?-(?P<kind>msda|global)\.ya?ml$")
+_SHIPPED = re.compile(r"^(?P<family>yolov8|yolo11)(?P<scale>[nslmx])?-(?P<kind>msda|global|cbam|psa)\.ya?ml$")
 
 
 def shipped_yaml(name: str | Path) -> Path | None:
@@ -414,7 +418,7 @@ def shipped_yaml(name: str | Path) -> Path | None:
 
     ``yolov8n-msda.yaml`` and its scale siblings (``yolov8s-msda.yaml`` ... and the scale-free
     ``yolov8-msda.yaml``) all resolve to the one shipped file, which holds every scale; Ultralytics reads the
-    scale from the requested name. Same for ``yolo11*-msda.yaml`` and ``yolov8*-global.yaml``.
+    scale from the requested name. Same for ``yolo11*-msda.yaml`` and ``yolov8*-{global,cbam,psa}.yaml``.
     """
     text = str(name)
     if Path(text).name != text:  # a path with a directory: not ours to resolve
@@ -466,7 +470,7 @@ def _wrap_generate_ddp_file(original):
 
 
 def register() -> None:
-    """Make Ultralytics model YAMLs able to name ``MSDA``, ``C2f_MSDA``, ``C2PSA_MSDA`` and ``GlobalAttn``.
+    """Make Ultralytics model YAMLs able to name ``MSDA``, ``C2f_MSDA``, ``C2PSA_MSDA``, ``GlobalAttn`` and ``CBAM``.
 
     Idempotent, and run automatically when this module is imported. It patches, at run time and in this
     process only (no Ultralytics file is edited):
