@@ -10,10 +10,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from dilateformer.ops import BACKENDS
 from dilateformer.ops.context import BACKEND_NAMES, default_backend, select_backend, use_backend
 from dilateformer.ops.decomposition import msda_decomposed
 from dilateformer.ops.neighborhood import BORDERS
+from dilateformer.ops.reference import msda_reference
 
 __all__ = ["multi_scale_dilated_attention", "use_backend", "BACKEND_NAMES", "BORDERS"]
 
@@ -163,10 +163,9 @@ def multi_scale_dilated_attention(
         out, _ = msda_decomposed(q, k, v, kernel_size, list(dilations), float(scale), border)
         return out
     requested = default_backend() if backend == "auto" else backend
-    if requested == "auto":
-        # Resolved inside the op when it runs, so a traced or exported graph carries no backend choice.
-        args = (kernel_size, list(dilations), float(scale), border, "auto")
-        out, _ = torch.ops.dilateformer.msda_forward(q, k, v, *args)
-        return out
-    name = select_backend(requested, q.device, q.dtype)
-    return BACKENDS[name].fn(q, k, v, kernel_size, dilations, float(scale), border)
+    # "auto" is resolved inside the op when it runs, so a traced or exported graph carries no backend choice.
+    name = requested if requested == "auto" else select_backend(requested, q.device, q.dtype)
+    if name == "reference":
+        return msda_reference(q, k, v, kernel_size, dilations, float(scale), border)
+    out, _ = torch.ops.dilateformer.msda_forward(q, k, v, kernel_size, list(dilations), float(scale), border, name)
+    return out

@@ -17,7 +17,7 @@ import shutil
 
 import torch
 
-from dilateformer.ops import kernels, library
+from dilateformer.ops import eager
 
 # One entry per configuration and direction, plus the dynamic-shape recompile of each.
 _RECOMPILE_LIMIT = 64
@@ -36,15 +36,14 @@ def _run(fn, *args):
         return _compiled(fn)(*args)
 
 
-def _forward(*args):
-    return _run(kernels.msda_forward, *args)
+def msda_compiled_forward(*args):
+    """:func:`dilateformer.ops.eager.msda_forward`, compiled."""
+    return _run(eager.msda_forward, *args)
 
 
-def _backward(*args):
-    return _run(kernels.msda_backward, *args)
-
-
-library.register_impl("compiled", _forward, _backward)
+def msda_compiled_backward(*args):
+    """:func:`dilateformer.ops.eager.msda_backward`, compiled."""
+    return _run(eager.msda_backward, *args)
 
 
 def _find_unavailable_reasons() -> dict[str, str | None]:
@@ -65,8 +64,3 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type not in _UNAVAILABLE_REASONS:
         return f"torch.compile support for device type {device.type!r} is not set up"
     return _UNAVAILABLE_REASONS[device.type]
-
-
-def msda_compiled(q, k, v, kernel_size: int, dilations: tuple[int, ...], scale: float, border: str) -> torch.Tensor:
-    out, _ = torch.ops.dilateformer.msda_forward(q, k, v, kernel_size, list(dilations), scale, border, "compiled")
-    return out

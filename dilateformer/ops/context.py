@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Iterator
 
 import torch
 
-from dilateformer.ops import BACKENDS
+from dilateformer.ops.backends import BACKENDS
 
 BACKEND_NAMES = ("auto", *BACKENDS)
 AUTO_ORDER = {"cpu": ("native", "eager"), "cuda": ("triton", "compiled", "eager")}
+"""Per device type, the backends ``auto`` tries, fastest first (measured by benchmarks/bench_msda.py)."""
+_log = logging.getLogger("dilateformer.ops")
 _ENV_VAR = "DILATEFORMER_BACKEND"
 _state = threading.local()
 
@@ -49,24 +52,22 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve ``requested`` to a concrete backend, or raise if a forced one cannot run here."""
+    """Resolve ``requested`` to a backend that can run tensors of ``device`` and ``dtype``, or raise ValueError
+    with the reason if a forced one cannot. ``auto`` logs why it skipped each backend, at DEBUG level on the
+    ``dilateformer.ops`` logger."""
     name = default_backend() if requested == "auto" else requested
     if name == "auto":
-        # Fastest first, measured by benchmarks/bench_msda.py. Under an outer torch.compile or torch.export the
-        # op stays one opaque node, and the chosen kernels still run inside it.
+        # Under an outer torch.compile or torch.export the op stays one opaque node, and the chosen kernels still
+        # run inside it.
         for candidate in AUTO_ORDER.get(device.type, ()):
-            if _runs_dtype(candidate, dtype) and BACKENDS[candidate].unavailable_reason(device) is None:
+            reason = BACKENDS[candidate].can_run(device, dtype)
+            if reason is None:
                 return candidate
+            _log.debug(
+                "backend='auto' skips MSDA backend %r for %s %s tensors: it %s", candidate, device.type, dtype, reason
+            )
         return "eager"
-    reason = BACKENDS[name].unavailable_reason(device)
+    reason = BACKENDS[name].can_run(device, dtype)
     if reason is not None:
-        raise ValueError(f"MSDA backend {name!r} is not available on {device.type}: {reason}")
-    if not _runs_dtype(name, dtype):
-        supported = ", ".join(str(d).removeprefix("torch.") for d in BACKENDS[name].dtypes or ())
-        raise ValueError(f"MSDA backend {name!r} runs {supported}, got {dtype}; backend='auto' picks one that runs it")
+        raise ValueError(f"MSDA backend {name!r} {reason}; backend='auto' picks one that runs it")
     return name
-
-
-def _runs_dtype(name: str, dtype: torch.dtype) -> bool:
-    dtypes = BACKENDS[name].dtypes
-    return dtypes is None or dtype in dtypes

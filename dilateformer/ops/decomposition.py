@@ -25,7 +25,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from dilateformer.ops.kernels import compute_dtype
+from dilateformer.ops.eager import compute_dtype
 from dilateformer.ops.neighborhood import _build_window_table
 
 __all__ = ["msda_decomposed", "register_export_decomposition"]

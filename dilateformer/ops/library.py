@@ -4,36 +4,30 @@ Registering the op with ``torch.library`` makes it a single node for autograd, F
 ``torch.compile(fullgraph=True)``. While exporting, its CompositeImplicitAutograd kernel is the pure-ATen
 :func:`~dilateformer.ops.decomposition.msda_decomposed`, which ``ExportedProgram.run_decompositions()`` and
 ``torch.onnx.export`` substitute, so exported files need no dilateformer to run. The kernels behind it are
-chosen by the ``impl`` argument, from the table that the eager and compiled backends fill in with
-:func:`register_impl`. ``impl="auto"`` is resolved when the kernel runs, from the tensors' device, so a graph that
-holds the op (``torch.export``, ``torch.compile``) holds no backend choice: the same program runs the native
-kernels on CPU and the CUDA kernels on a GPU.
+the ``impl`` argument's entry of :data:`dilateformer.ops.backends.BACKENDS`, looked up when the kernel runs, and
+``impl="auto"`` is resolved then too, from the tensors' device and dtype. So a graph that holds the op
+(``torch.export``, ``torch.compile``) holds no backend choice: the same program runs the native kernels on CPU and
+the CUDA kernels on a GPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from dilateformer.ops.backends import BACKENDS, Backend
+from dilateformer.ops.context import select_backend
 from dilateformer.ops.decomposition import register_export_decomposition
-from dilateformer.ops.kernels import compute_dtype
-
-ForwardKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-BackwardKernel = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-_IMPLS: dict[str, tuple[ForwardKernel, BackwardKernel]] = {}
+from dilateformer.ops.eager import compute_dtype
 
 
-def register_impl(name: str, forward: ForwardKernel, backward: BackwardKernel) -> None:
-    _IMPLS[name] = (forward, backward)
-
-
-def _kernels(impl: str, q: torch.Tensor) -> tuple[ForwardKernel, BackwardKernel]:
+def _kernels(impl: str, q: torch.Tensor) -> Backend:
     if impl == "auto":
-        from dilateformer.ops.context import select_backend  # the backends import this module
-
         impl = select_backend("auto", q.device, q.dtype)
-    return _IMPLS[impl]
+    backend = BACKENDS.get(impl)
+    if backend is None or not backend.in_op:
+        names = ("auto", *(name for name, b in BACKENDS.items() if b.in_op))
+        raise ValueError(f"impl must be one of {names}, got {impl!r}")
+    return backend
 
 
 @torch.library.custom_op("dilateformer::msda_forward", mutates_args=())
@@ -47,7 +41,7 @@ def msda_forward(
     border: str,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _kernels(impl, q)[0](q, k, v, kernel_size, dilations, scale, border)
+    out, lse = _kernels(impl, q).forward(q, k, v, kernel_size, dilations, scale, border)
     return out.to(q.dtype), lse
 
 
@@ -70,7 +64,7 @@ def msda_backward(
     border: str,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _kernels(impl, q)[1](grad_out, q, k, v, out, lse, kernel_size, dilations, scale, border)
+    grads = _kernels(impl, q).backward(grad_out, q, k, v, out, lse, kernel_size, dilations, scale, border)
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))
 
 

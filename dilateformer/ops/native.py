@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dilateformer.ops import library
-from dilateformer.ops.kernels import compute_dtype
+from dilateformer.ops.eager import compute_dtype
 from dilateformer.ops.neighborhood import window_table
 
 _SOURCES = Path(__file__).with_name("csrc")
@@ -282,11 +281,3 @@ def msda_native_backward(grad_out, q, k, v, out, lse, kernel_size, dilations, sc
     key_args = (problem, *map(_ptr, (grad_out, q, probs, dlogits, grad_k, grad_v)))
     _parallel(lib, "msda_backward_keys_scatter", dtype, key_args, batch * heads)
     return grad_q, grad_k, grad_v
-
-
-library.register_impl("native", msda_native_forward, msda_native_backward)
-
-
-def msda_native(q, k, v, kernel_size: int, dilations: tuple[int, ...], scale: float, border: str) -> torch.Tensor:
-    out, _ = torch.ops.dilateformer.msda_forward(q, k, v, kernel_size, list(dilations), scale, border, "native")
-    return out

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from dilateformer.ops.kernels import compute_dtype
+from dilateformer.ops.eager import compute_dtype
 from dilateformer.ops.neighborhood import head_groups, window_table
 
 

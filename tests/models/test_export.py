@@ -1,6 +1,7 @@
 """Export through the standard calls on a plain model: torch.export, torch.onnx.export (both exporters),
 torch.jit.trace and torch.compile. The files run where dilateformer is not installed."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 import dilateformer  # noqa: F401  (registers the models)
 from dilateformer.nn import MultiScaleDilatedAttention
-from dilateformer.ops import library
+from dilateformer.ops import BACKENDS
 from dilateformer.ops.context import select_backend
 from tests.fresh_process import run_without_dilateformer
 
@@ -146,14 +147,14 @@ def test_compile_fullgraph_keeps_msda_one_node_running_the_fast_kernels(monkeypa
         return graph_module
 
     fast = select_backend("auto", torch.device("cpu"), torch.float32)
-    forward, backward = library._IMPLS[fast]
+    forward = BACKENDS[fast].forward
     runs = []
 
     def counting_forward(*args):
         runs.append(fast)
         return forward(*args)
 
-    monkeypatch.setitem(library._IMPLS, fast, (counting_forward, backward))
+    monkeypatch.setitem(BACKENDS, fast, dataclasses.replace(BACKENDS[fast], forward=counting_forward))
     model = _nano("zero")
     torch._dynamo.reset()
     # The forward graph AOT autograd hands to the compiler backend: what inductor would get.

@@ -160,14 +160,10 @@ def test_heads_are_grouped_by_dilation():
 def test_use_backend_forces_and_env_var_is_validated(monkeypatch):
     q, k, v = random_qkv((1, 4, 4, 3, 2), requires_grad=False)
     calls = []
-    import dilateformer.ops as ops
+    import dilateformer.functional as functional
 
-    original = ops.BACKENDS["reference"]
-    monkeypatch.setitem(
-        ops.BACKENDS,
-        "reference",
-        ops.Backend("reference", lambda *a: calls.append(1) or original.fn(*a), original.unavailable_reason),
-    )
+    original = functional.msda_reference
+    monkeypatch.setattr(functional, "msda_reference", lambda *a: calls.append(1) or original(*a))
     with dilateformer.use_backend("reference"):
         msda(q, k, v)
     assert calls == [1]
@@ -177,14 +173,9 @@ def test_use_backend_forces_and_env_var_is_validated(monkeypatch):
 
 
 def test_forcing_an_unavailable_backend_says_why(monkeypatch):
-    import dilateformer.ops as ops
+    from dilateformer.ops import compiled
 
-    original = ops.BACKENDS["compiled"]
-    monkeypatch.setitem(
-        ops.BACKENDS,
-        "compiled",
-        ops.Backend("compiled", original.fn, lambda device: "no C++ compiler on PATH"),
-    )
+    monkeypatch.setitem(compiled._UNAVAILABLE_REASONS, "cpu", "no C++ compiler on PATH")
     q, k, v = random_qkv((1, 4, 4, 3, 2), requires_grad=False)
     with pytest.raises(ValueError, match="'compiled' is not available on cpu: no C\\+\\+ compiler"):
         msda(q, k, v, backend="compiled")

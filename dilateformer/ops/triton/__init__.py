@@ -19,8 +19,6 @@ from types import ModuleType
 
 import torch
 
-from dilateformer.ops import library
-
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """What the kernels run: all accumulate in float32, so float64 would silently lose precision."""
 
@@ -136,11 +134,3 @@ def msda_triton_backward(grad_out, q, k, v, out, lse, kernel_size: int, dilation
         grad_out, q, k, v, lse, delta, grads[1], grads[2], table, *sizes, **constants, num_warps=_NUM_WARPS
     )
     return grads
-
-
-library.register_impl("triton", msda_triton_forward, msda_triton_backward)
-
-
-def msda_triton(q, k, v, kernel_size: int, dilations: tuple[int, ...], scale: float, border: str) -> torch.Tensor:
-    out, _ = torch.ops.dilateformer.msda_forward(q, k, v, kernel_size, list(dilations), scale, border, "triton")
-    return out
