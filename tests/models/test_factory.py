@@ -34,7 +34,7 @@ def test_any_timm_name_builds_as_timm_builds_it():
     ours = create_model("resnet10t", num_classes=3)
     torch.manual_seed(0)
     theirs = timm.create_model("resnet10t", pretrained=False, num_classes=3)
-    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True))
 
 
 def test_twin_equals_the_old_construction_and_keeps_custom_kwargs():
@@ -60,6 +60,6 @@ def test_twin_of_a_directly_built_model_without_weights():
     twin = global_twin(model, copy_weights=False, num_classes=2)
     torch.manual_seed(1)
     old = DilateFormer(embed_dim=12, depths=(1, 1, 1, 1), num_classes=2, attn_types="global")
-    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), old.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), old.state_dict().values(), strict=True))
     with pytest.raises(TypeError, match="model must be a DilateFormer"):
         global_twin(torch.nn.Linear(2, 2))
