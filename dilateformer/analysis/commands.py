@@ -64,7 +64,7 @@ def _create_model(name: str, checkpoint: str | None, *, any_timm: bool = False, 
     """A registered model in eval mode, with ``checkpoint``'s weights if given.
 
     ``any_timm``: a timm model that is not a DilateFormer is accepted too (built by
-    :func:`dilateformer.train.modeling.create_model`, never downloaded).
+    :func:`dilateformer.models.create_model`, never downloaded).
     """
     from dilateformer.analysis.visualize import create_registered_model
 
@@ -72,13 +72,13 @@ def _create_model(name: str, checkpoint: str | None, *, any_timm: bool = False, 
         raise CommandError(f"--checkpoint: {checkpoint} does not exist")
     other_timm = any_timm and not name.startswith("dilateformer")
     if other_timm:
-        from dilateformer.train.errors import CLIError
-        from dilateformer.train.modeling import create_model
+        from dilateformer.models import create_model
+        from dilateformer.train.modeling import one_line
 
         try:
-            model = create_model(name, kwargs.pop("num_classes", 1000), model_kwargs=kwargs)
-        except CLIError as error:
-            raise CommandError(str(error)) from None
+            model = create_model(name, **{"num_classes": 1000, **kwargs})
+        except ValueError as error:
+            raise CommandError(one_line(str(error))) from None
     else:
         model = create_registered_model(name, **kwargs)
     if checkpoint is not None and Path(checkpoint).is_dir():
@@ -114,7 +114,6 @@ def _create_model(name: str, checkpoint: str | None, *, any_timm: bool = False, 
 def _run_visualize(args: argparse.Namespace) -> int:
     from dilateformer.analysis.visualize import (
         attention_figure,
-        global_twin,
         load_image,
         parse_query,
         pick_msda_layer,
@@ -135,7 +134,9 @@ def _run_visualize(args: argparse.Namespace) -> int:
     queries = [parse_query(q) for q in args.query] if args.query else None
     model = _create_model(args.model, args.checkpoint)
     pick_msda_layer(model, args.stage, args.block)  # fail on the stage before the twin costs anything
-    twin = global_twin(args.model, model).eval() if args.compare == "twin" else None
+    from dilateformer.models import global_twin
+
+    twin = global_twin(model).eval() if args.compare == "twin" else None
     attention_figure(image, model, queries, args.stage, args.block, args.output, twin=twin, size=args.size)
     print(f"wrote {args.output}")
     return 0
@@ -388,7 +389,7 @@ def _run_locality(args: argparse.Namespace) -> int:
         locality_table,
         measure_locality,
     )
-    from dilateformer.analysis.visualize import IMAGENET_MEAN, IMAGENET_STD, global_twin
+    from dilateformer.analysis.visualize import IMAGENET_MEAN, IMAGENET_STD
 
     if not 1 <= args.size <= MAX_VISUALIZE_SIZE:
         raise CommandError(f"--size must be 1..{MAX_VISUALIZE_SIZE} pixels, got {args.size}")
@@ -414,8 +415,9 @@ def _run_locality(args: argparse.Namespace) -> int:
     if model is None:
         model = _create_model(args.model, args.checkpoint, any_timm=True, **kwargs)
     if args.twin:
-        kwargs.pop("attn_types", None)
-        model = global_twin(args.model, model, **kwargs).eval()
+        from dilateformer.models import global_twin
+
+        model = global_twin(model).eval()
     cfg = getattr(model, "pretrained_cfg", None) or {}
     images = images_tensor(sources.values(), args.size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
     try:

@@ -24,7 +24,7 @@ from torch import nn
 from dilateformer.analysis.baselines import compile_official_style, official_style_twin
 from dilateformer.analysis.measure import count_macs, format_table, interleaved_median_ms, saved_for_backward_bytes
 from dilateformer.functional import use_backend
-from dilateformer.models import create_dilateformer
+from dilateformer.models import create_dilateformer, global_twin
 from dilateformer.ops.context import select_backend
 
 __all__ = ["run_model_benchmark", "format_model_benchmark", "MODEL_BENCH_COLUMNS", "GLOBAL_TWIN", "OFFICIAL_STYLE"]
@@ -116,10 +116,9 @@ def run_model_benchmark(
 
 
 def _build(name: str, attention: str, device: str | None = None) -> nn.Module:
-    kwargs: dict[str, Any] = {"drop_path_rate": 0.1, "device": device}
+    model = create_dilateformer(name, drop_path_rate=0.1, device=device)
     if attention == GLOBAL_TWIN:
-        kwargs["attn_types"] = GLOBAL_TWIN
-    model = create_dilateformer(name, **kwargs)
+        return global_twin(model, copy_weights=False)
     return official_style_twin(model) if attention == OFFICIAL_STYLE else model
 
 

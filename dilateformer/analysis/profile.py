@@ -25,6 +25,7 @@ from torch import nn
 from dilateformer.analysis.measure import count_macs, format_table, median_ms
 from dilateformer.analysis.plots import loglog_figure, save_figure
 from dilateformer.analysis.visualize import InputError, create_registered_model
+from dilateformer.models import global_twin
 
 MB = 1e6
 
@@ -80,9 +81,9 @@ def available_memory_bytes() -> int:
 
 
 def build_pair(model_name: str, **kwargs) -> dict[str, nn.Module]:
-    """The registered model and its global-attention twin: same parameters, ``attn_types=("global",) * 4``."""
+    """The registered model and its global-attention twin (:func:`dilateformer.models.global_twin`)."""
     model = create_registered_model(model_name, **kwargs)
-    twin = create_registered_model(model_name, attn_types=("global",) * 4, **kwargs)
+    twin = global_twin(model, copy_weights=False)
     return {"msda": model, "global": twin}
 
 

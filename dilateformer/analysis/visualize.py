@@ -232,8 +232,8 @@ def attention_figure(
             one query per image (default each image's centre).
         stage, block: the MSDA layer to show.
         output: PNG path.
-        twin: a global-attention twin (e.g. :func:`global_twin`); its layer at ``(stage, block)`` is the
-            comparison. Without one, the comparison is this model's first global stage.
+        twin: a global-attention twin (e.g. :func:`dilateformer.models.global_twin`); its layer at
+            ``(stage, block)`` is the comparison. Without one, the comparison is this model's first global stage.
         size: shorter side of the model input; both sides are rounded to a multiple of 32. Give a model the
             resolution it was trained at: its attention at another one is not what it learned.
         labels: one line per row shown above its query, e.g. ``"digit 3"``.
@@ -409,31 +409,12 @@ def _draw_window(
 
 
 def create_registered_model(model_name: str, **kwargs) -> nn.Module:
-    """``timm.create_model`` for a DilateFormer name, with an :class:`InputError` naming the closest known one."""
-    import difflib
-
+    """:func:`dilateformer.models.create_model` for a DilateFormer name; a bad name or argument is an InputError."""
     import timm
 
-    import dilateformer.models  # noqa: F401  (registers the timm models)
+    from dilateformer.models import create_model
 
-    known = timm.list_models("dilateformer*")
-    if model_name not in known:
-        close = difflib.get_close_matches(model_name, known, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise InputError(f"unknown model {model_name!r}; {hint}known: {', '.join(known)}")
-    return timm.create_model(model_name, **kwargs)
-
-
-def global_twin(model_name: str, source: nn.Module | None = None, **kwargs) -> nn.Module:
-    """The global-attention twin of a registered DilateFormer variant (``attn_types=("global",) * 4``).
-
-    With ``source``, the twin gets ``source``'s weights (the parameters are the same set; MSDA's 1x1-conv
-    ``qkv`` weight becomes the twin's Linear). The twin's first layer then sees exactly the input the MSDA
-    layer saw, so the comparison shows where the same queries and keys would look without the window.
-    """
-    from dilateformer.models import load_into
-
-    twin = create_registered_model(model_name, attn_types=("global",) * 4, **kwargs)
-    if source is not None:
-        load_into(twin, source.state_dict(), source="the MSDA model's weights")
-    return twin
+    try:
+        return create_model(model_name, known=timm.list_models("dilateformer*"), **kwargs)
+    except ValueError as error:
+        raise InputError(str(error)) from None

@@ -19,6 +19,7 @@ from dilateformer.models.dilateformer import (
     checkpoint_filter_fn,
     create_dilateformer,
 )
+from dilateformer.models.factory import create_model, global_twin
 
 __all__ = [
     "ATTN_TYPES",
@@ -29,6 +30,8 @@ __all__ = [
     "checkpoint_filter_fn",
     "convert_official_checkpoint",
     "create_dilateformer",
+    "create_model",
+    "global_twin",
     "load_checkpoint_file",
     "load_into",
     "load_weights",

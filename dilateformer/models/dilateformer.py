@@ -403,7 +403,11 @@ class DilateFormer(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        # The configuration, kept so that models.global_twin rebuilds exactly this model (device and dtype are
+        # placement, not configuration).
+        config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "device", "dtype")}
         super().__init__()
+        self._init_kwargs: dict[str, Any] = config
         dd = {"device": device, "dtype": dtype}
         if not isinstance(output_stride, int) or output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
@@ -786,17 +790,10 @@ VARIANTS = (
 
 
 def create_dilateformer(variant: str, pretrained: bool = False, **kwargs: Any) -> DilateFormer:
-    """``timm.create_model`` for the DilateFormer family, with a clear error for an unknown name.
+    """:func:`dilateformer.models.create_model` restricted to the DilateFormer family.
 
     >>> model = create_dilateformer("dilateformer_tiny", num_classes=10)
     """
-    if not isinstance(variant, str):
-        raise TypeError(f"variant must be a str, got {type(variant).__name__}")
-    base = variant.split(".", 1)[0]
-    if base not in VARIANTS:
-        close = difflib.get_close_matches(base, VARIANTS, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown DilateFormer variant {variant!r}{hint} (known: {', '.join(VARIANTS)})")
-    import timm
+    from dilateformer.models.factory import create_model
 
-    return timm.create_model(variant, pretrained=pretrained, **kwargs)
+    return create_model(variant, known=VARIANTS, pretrained=pretrained, **kwargs)

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from dilateformer.analysis.measure import count_macs, format_table, median_ms, saved_for_backward_bytes
+from dilateformer.models import global_twin
 from dilateformer.ops.context import default_backend, select_backend
 from dilateformer.train.errors import CLIError
 
 DEMO_MODEL = "dilateformer_nano"
 MSDA_LAYOUT = ("msda", "msda", "global", "global")
-GLOBAL_LAYOUT = ("global",) * 4
 # Validation digits drawn in the attention figure (the first image of each class, in this order).
 FIGURE_DIGITS = (3, 5, 8)
 
@@ -56,13 +56,11 @@ def _parse_sizes(text: str | None, default: list[int]) -> list[int]:
     return sizes
 
 
-def _build(layout: tuple[str, ...], embed_dim: int, img_size: int) -> nn.Module:
-    import timm
+def _build(embed_dim: int, img_size: int) -> nn.Module:
+    from dilateformer.models import create_model
 
-    import dilateformer.models  # noqa: F401
-
-    return timm.create_model(
-        DEMO_MODEL, num_classes=10, embed_dim=embed_dim, attn_types=layout, img_size=img_size, drop_path_rate=0.0
+    return create_model(
+        DEMO_MODEL, num_classes=10, embed_dim=embed_dim, attn_types=MSDA_LAYOUT, img_size=img_size, drop_path_rate=0.0
     )
 
 
@@ -175,9 +173,9 @@ def _run(settings: dict[str, Any], seed: int, output: Path, say) -> dict[str, An
     torch.manual_seed(seed)
     loaders = _loaders(settings, seed)
     size, embed = settings["img_size"], settings["embed_dim"]
-    models = {"MSDA (msda,msda,global,global)": _build(MSDA_LAYOUT, embed, size)}
-    torch.manual_seed(seed)
-    models["global twin (global x4)"] = _build(GLOBAL_LAYOUT, embed, size)
+    models = {"MSDA (msda,msda,global,global)": _build(embed, size)}
+    torch.manual_seed(seed)  # the twin starts from its own draw with the same seed, as a separate run would
+    models["global twin (global x4)"] = global_twin(models["MSDA (msda,msda,global,global)"], copy_weights=False)
     n_train = len(loaders[0].dataset)
     rows, summary = [], []
 

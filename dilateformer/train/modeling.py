@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import ast
-import difflib
 import os
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
-import dilateformer.models  # noqa: F401  (registers the DilateFormer family with timm)
+from dilateformer import models
 from dilateformer.models import load_checkpoint_file, load_into
 from dilateformer.train.errors import CLIError
 
@@ -41,16 +39,6 @@ def _literal(text: str) -> Any:
         return text  # a bare word such as msda
 
 
-def check_model_name(name: str) -> str:
-    base = name.split(".", 1)[0]
-    known = timm.list_models()
-    if base in known:
-        return name
-    close = difflib.get_close_matches(base, known, n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise CLIError(f"unknown model {name!r}{hint} (see timm.list_models('dilateformer*'))")
-
-
 def create_model(
     name: str,
     num_classes: int,
@@ -59,16 +47,15 @@ def create_model(
     pretrained_path: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """``timm.create_model`` with one-line errors; ``pretrained_path`` is a local file, nothing is downloaded."""
-    check_model_name(name)
+    """:func:`dilateformer.models.create_model` with one-line CLI errors; ``pretrained_path`` is a local file."""
     kwargs: dict[str, Any] = dict(model_kwargs or {})
     kwargs["num_classes"] = num_classes
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
     try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, AssertionError) as error:
-        raise CLIError(f"cannot build model {name} with {kwargs}: {error}") from None
+        model = models.create_model(name, **kwargs)
+    except ValueError as error:
+        raise CLIError(one_line(str(error))) from None
     if pretrained_path:
         # Fine-tuning: the classifier of another size is left as initialised; everything else must fit.
         load_file_into(model, pretrained_path, strict=True)

@@ -17,12 +17,12 @@ from dilateformer.analysis.visualize import (
     capture_attention,
     check_queries,
     global_map,
-    global_twin,
     load_image,
     model_input_size,
     msda_windows,
     pick_msda_layer,
 )
+from dilateformer.models import global_twin
 from dilateformer.nn.attention import GlobalAttention, MultiScaleDilatedAttention
 from dilateformer.ops.neighborhood import head_groups, window_table
 
@@ -150,7 +150,7 @@ def test_timm_attention_extract_sees_both_kinds_of_layer(nano):
 
 
 def test_twin_shares_the_weights_and_sees_the_same_first_input(nano):
-    twin = global_twin("dilateformer_nano", nano).eval()
+    twin = global_twin(nano).eval()
     assert isinstance(attention_layers(twin)[(0, 0)], GlobalAttention)
     for (name, a), (_, b) in zip(nano.named_parameters(), twin.named_parameters(), strict=True):
         torch.testing.assert_close(a.reshape(b.shape), b, msg=name)
@@ -205,7 +205,7 @@ def test_attention_figure_on_the_chelsea_photo(tmp_path, check_png):
 
     torch.manual_seed(0)
     model = _create("dilateformer_tiny")
-    twin = global_twin("dilateformer_tiny", model).eval()
+    twin = global_twin(model).eval()
     out = tmp_path / "attention.png"
     attention_figure(skimage.data.chelsea(), model, [(80, 150), (200, 300)], 0, 1, out, twin=twin)
     # 5 columns (image, 3 dilation groups, global) x 2 queries at the figure's fixed size and 100 dpi.
@@ -238,7 +238,7 @@ def test_cli_takes_a_run_dir_a_jpeg_output_and_a_negative_query(tmp_path, capsys
 def test_figure_of_several_small_images_one_row_each(nano, tmp_path, check_png):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
-    twin = global_twin("dilateformer_nano", nano).eval()
+    twin = global_twin(nano).eval()
     fig = attention_figure(images, nano, [(3, 4), (20, 30)], twin=twin, size=32, labels=["first", "second"])
     titles = [ax.get_title() for ax in fig.axes]
     assert "first\nquery 1: y=3, x=4" in titles and "second\nquery 2: y=20, x=30" in titles
