@@ -7,12 +7,12 @@ with one ``dilateformer COMMAND: error: ...`` line on stderr and exit status 2, 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from dilateformer.files import atomic_write_json
 
 DEFAULT_MODEL = "dilateformer_tiny"
 # Largest visualize --size: the figure and the model input grow with its square; above this a typo is likelier.
@@ -51,13 +51,8 @@ def _progress(line: str) -> None:
 
 
 def _write_json(path: str | Path, payload: object) -> Path:
-    """Write JSON atomically: a temp file in the same directory, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically (:func:`dilateformer.files.atomic_write_json`)."""
+    return atomic_write_json(path, payload)
 
 
 def _create_model(name: str, checkpoint: str | None, *, any_timm: bool = False, **kwargs):

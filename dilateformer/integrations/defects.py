@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dilateformer.files import atomic_path, atomic_write
+
 DEFECT_CLASSES: tuple[str, ...] = ("scratch", "crack", "spot", "hole")
 TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel")  # bundled in the scikit-image wheel: no pooch download
 SPLITS: tuple[str, ...] = ("train", "val")
@@ -353,9 +355,7 @@ def _yaml_text(root: Path) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -573,7 +573,6 @@ def sample_grid(
         grid.paste(tile, ((k % columns) * (size + gap), (k // columns) * (size + gap)))
     output_png = Path(output_png)
     output_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_png.with_name(f".{output_png.name}.tmp-{os.getpid()}.png")
-    grid.save(tmp)
-    os.replace(tmp, output_png)
+    with atomic_path(output_png) as tmp:
+        grid.save(tmp, format="PNG")
     return output_png

@@ -22,15 +22,15 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from dilateformer.files import atomic_write_json
 
 __all__ = [
     "DEFAULT_SEEDS",
@@ -294,18 +294,8 @@ def compare_figure(rows: Sequence[dict[str, Any]], output: str | Path, title: st
 
 
 def _write_json_atomic(path: Path, payload: object) -> Path:
-    """Write JSON to a temp file beside ``path`` and rename it over, so a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (:func:`dilateformer.files.atomic_write_json`), so a kill never leaves half a file."""
+    return atomic_write_json(path, payload)
     return path
 
 
