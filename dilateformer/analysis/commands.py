@@ -50,11 +50,6 @@ def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _write_json(path: str | Path, payload: object) -> Path:
-    """Write JSON atomically (:func:`dilateformer.files.atomic_write_json`)."""
-    return atomic_write_json(path, payload)
-
-
 def _create_model(name: str, checkpoint: str | None, *, any_timm: bool = False, **kwargs):
     """A registered model in eval mode, with ``checkpoint``'s weights if given.
 
@@ -203,7 +198,7 @@ def _run_profile(args: argparse.Namespace) -> int:
         )
     print(profile_table(rows))
     print("~ estimate (saved MB: meta-device upper bound with explicit attention matrices); - not measured")
-    _write_json(args.json, {"command": "profile", "backend": args.backend, "rows": [r.as_dict() for r in rows]})
+    atomic_write_json(args.json, {"command": "profile", "backend": args.backend, "rows": [r.as_dict() for r in rows]})
     profile_figure(rows, args.plot)
     print(f"wrote {args.json} and {args.plot}")
     return 0
@@ -308,7 +303,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
             print("\nmodels:")
             print(model_bench.format_model_benchmark(model_rows))
             payload["models"] = model_rows
-    _write_json(args.json, payload)
+    atomic_write_json(args.json, payload)
     benchmark_figure(op_rows, sweep_rows, model_rows, args.plot)
     print(f"wrote {args.json} and {args.plot}")
     return 0
@@ -432,7 +427,7 @@ def _run_locality(args: argparse.Namespace) -> int:
         images=list(sources),
         layers=[r.as_dict() for r in results],
     )
-    _write_json(out / "locality.json", payload)
+    atomic_write_json(out / "locality.json", payload)
     title = f"How local is attention? {args.model}{' global twin' if args.twin else ''}, {args.size}x{args.size} px"
     locality_figure(results, out / "locality.png", title=title)
     print(f"wrote {out / 'locality.json'} and {out / 'locality.png'}")

@@ -354,10 +354,6 @@ def _yaml_text(root: Path) -> str:
     )
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    atomic_write(path, text)
-
-
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -453,7 +449,7 @@ def make_defect_dataset(
         marker = _read_marker(root)
         if marker.get("settings") == settings:
             if marker.get("root") != str(root) or not yaml_path.is_file():
-                _write_text_atomic(yaml_path, _yaml_text(root))  # the dataset was moved: point its YAML here
+                atomic_write(yaml_path, _yaml_text(root))  # the dataset was moved: point its YAML here
             return yaml_path
         if not overwrite:
             held = marker.get("settings") or {}

@@ -293,12 +293,6 @@ def compare_figure(rows: Sequence[dict[str, Any]], output: str | Path, title: st
 # -------------------------------------------------------------------------------------------- files, settings
 
 
-def _write_json_atomic(path: Path, payload: object) -> Path:
-    """Write JSON atomically (:func:`dilateformer.files.atomic_write_json`), so a kill never leaves half a file."""
-    return atomic_write_json(path, payload)
-    return path
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -329,7 +323,7 @@ def check_settings(output: Path, key: dict[str, Any]) -> None:
                 "--output, or delete that folder to start over"
             )
         return
-    _write_json_atomic(path, key)
+    atomic_write_json(path, key)
 
 
 # ------------------------------------------------------------------------------------------------- variants
@@ -647,7 +641,7 @@ def run_comparison(
         result = _train_run(variant, seed, settings, data_yaml, run_dir)
         result["wall_s"] = time.perf_counter() - t0
         result["settings"] = key
-        _write_json_atomic(result_path, result)
+        atomic_write_json(result_path, result)
         results.append(result)
         progress(
             f"[{i}/{len(jobs)}] {variant.name} seed {seed}: mAP50-95 {result['map50_95']:.3f}, "
@@ -683,5 +677,5 @@ def run_comparison(
         "runs_wall_s": sum(r["wall_s"] for r in results),
         "total_wall_s": time.perf_counter() - start,
     }
-    _write_json_atomic(output / "yolo-compare.json", payload)
+    atomic_write_json(output / "yolo-compare.json", payload)
     return payload

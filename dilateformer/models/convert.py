@@ -260,6 +260,19 @@ def load_into(
     model.load_state_dict(match_state_dict(model, state_dict, strict=strict, source=source), strict=False)
 
 
+def safetensors_payload(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The ``(tensors, metadata)`` that :func:`save_weights` hands to safetensors' ``save_file``.
+
+    For savers that commit several files together (the training checkpoint's ``last`` pair).
+    """
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    # safetensors refuses shared storage and non-contiguous tensors; weights are small enough to clone.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    return tensors, {"format": "pt", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+
+
 def save_weights(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -272,10 +285,7 @@ def save_weights(
     """
     from safetensors.torch import save_file
 
-    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
-    # safetensors refuses shared storage and non-contiguous tensors; weights are small enough to clone.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    meta = {"format": "pt", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+    tensors, meta = safetensors_payload(model_or_state_dict, metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

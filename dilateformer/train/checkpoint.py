@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import random
 import shutil
@@ -32,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from dilateformer.files import commit, write_temp
-from dilateformer.models.convert import load_weights, save_weights
+from dilateformer.models.convert import load_weights, safetensors_payload, save_weights
 from dilateformer.models.convert import read_metadata as _read_metadata
 from dilateformer.train.errors import CLIError
 
@@ -143,8 +142,7 @@ def save_last(
     output = Path(output)
     weights, state = output / f"last{WEIGHTS_SUFFIX}", output / f"last{STATE_SUFFIX}"
     generation = uuid.uuid4().hex
-    meta = {"format": "pt", **{k: json.dumps(v) for k, v in {**metadata, "generation": generation}.items()}}
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
+    tensors, meta = safetensors_payload(model_state, {**metadata, "generation": generation})
     state_obj = {**train_state, "generation": generation}
     tmp_state = _write_atomic_bytes_via(lambda p: torch.save(state_obj, p), state)
     tmp_weights = _write_atomic_bytes_via(lambda p: save_file(tensors, str(p), metadata=meta), weights)
@@ -199,7 +197,7 @@ def load_last(
         except CLIError:
             pending = {}
         if pending.get("generation") == metadata.get("generation"):
-            os.replace(tmp_state, state_path)
+            commit(tmp_state, state_path)
     for leftover in (tmp_state, tmp_weights):  # a save killed before its renames: the old pair stands
         if leftover.exists():
             leftover.unlink()

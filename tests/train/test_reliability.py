@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from dilateformer.cli import main
+from dilateformer.files import KILL_AFTER_TEMP_ENV
 from dilateformer.models import load_checkpoint_file, save_weights
-from dilateformer.train.checkpoint import KILL_AFTER_TEMP_ENV, load_last, read_metadata
+from dilateformer.train.checkpoint import load_last, read_metadata
 from dilateformer.train.data import MAX_IMAGE_PIXELS, CorruptImageError, ImageFolderDataset, load_image
 from dilateformer.train.modeling import create_model, parse_model_kwargs
 
