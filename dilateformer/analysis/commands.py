@@ -7,12 +7,12 @@ with one ``dilateformer COMMAND: error: ...`` line on stderr and exit status 2, 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from dilateformer.files import atomic_write_json
 
 DEFAULT_MODEL = "dilateformer_tiny"
 # Largest visualize --size: the figure and the model input grow with its square; above this a typo is likelier.
@@ -48,16 +48,6 @@ def _positive_float(text: str) -> float:
 
 def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def _write_json(path: str | Path, payload: object) -> Path:
-    """Write JSON atomically: a temp file in the same directory, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def _create_model(name: str, checkpoint: str | None, *, any_timm: bool = False, **kwargs):
@@ -209,7 +199,7 @@ def _run_profile(args: argparse.Namespace) -> int:
         )
     print(profile_table(rows))
     print("~ estimate (saved MB: meta-device upper bound with explicit attention matrices); - not measured")
-    _write_json(args.json, {"command": "profile", "backend": args.backend, "rows": [r.as_dict() for r in rows]})
+    atomic_write_json(args.json, {"command": "profile", "backend": args.backend, "rows": [r.as_dict() for r in rows]})
     profile_figure(rows, args.plot)
     print(f"wrote {args.json} and {args.plot}")
     return 0
@@ -314,7 +304,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
             print("\nmodels:")
             print(model_bench.format_model_benchmark(model_rows))
             payload["models"] = model_rows
-    _write_json(args.json, payload)
+    atomic_write_json(args.json, payload)
     benchmark_figure(op_rows, sweep_rows, model_rows, args.plot)
     print(f"wrote {args.json} and {args.plot}")
     return 0
@@ -439,7 +429,7 @@ def _run_locality(args: argparse.Namespace) -> int:
         images=list(sources),
         layers=[r.as_dict() for r in results],
     )
-    _write_json(out / "locality.json", payload)
+    atomic_write_json(out / "locality.json", payload)
     title = f"How local is attention? {args.model}{' global twin' if args.twin else ''}, {args.size}x{args.size} px"
     locality_figure(results, out / "locality.png", title=title)
     print(f"wrote {out / 'locality.json'} and {out / 'locality.png'}")

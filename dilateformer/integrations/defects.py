@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dilateformer.files import atomic_path, atomic_write
+
 DEFECT_CLASSES: tuple[str, ...] = ("scratch", "crack", "spot", "hole")
 TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel")  # bundled in the scikit-image wheel: no pooch download
 SPLITS: tuple[str, ...] = ("train", "val")
@@ -352,12 +354,6 @@ def _yaml_text(root: Path) -> str:
     )
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -453,7 +449,7 @@ def make_defect_dataset(
         marker = _read_marker(root)
         if marker.get("settings") == settings:
             if marker.get("root") != str(root) or not yaml_path.is_file():
-                _write_text_atomic(yaml_path, _yaml_text(root))  # the dataset was moved: point its YAML here
+                atomic_write(yaml_path, _yaml_text(root))  # the dataset was moved: point its YAML here
             return yaml_path
         if not overwrite:
             held = marker.get("settings") or {}
@@ -573,7 +569,6 @@ def sample_grid(
         grid.paste(tile, ((k % columns) * (size + gap), (k // columns) * (size + gap)))
     output_png = Path(output_png)
     output_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_png.with_name(f".{output_png.name}.tmp-{os.getpid()}.png")
-    grid.save(tmp)
-    os.replace(tmp, output_png)
+    with atomic_path(output_png) as tmp:
+        grid.save(tmp, format="PNG")
     return output_png

@@ -22,15 +22,15 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from dilateformer.files import atomic_write_json
 
 __all__ = [
     "DEFAULT_SEEDS",
@@ -293,22 +293,6 @@ def compare_figure(rows: Sequence[dict[str, Any]], output: str | Path, title: st
 # -------------------------------------------------------------------------------------------- files, settings
 
 
-def _write_json_atomic(path: Path, payload: object) -> Path:
-    """Write JSON to a temp file beside ``path`` and rename it over, so a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -339,7 +323,7 @@ def check_settings(output: Path, key: dict[str, Any]) -> None:
                 "--output, or delete that folder to start over"
             )
         return
-    _write_json_atomic(path, key)
+    atomic_write_json(path, key)
 
 
 # ------------------------------------------------------------------------------------------------- variants
@@ -657,7 +641,7 @@ def run_comparison(
         result = _train_run(variant, seed, settings, data_yaml, run_dir)
         result["wall_s"] = time.perf_counter() - t0
         result["settings"] = key
-        _write_json_atomic(result_path, result)
+        atomic_write_json(result_path, result)
         results.append(result)
         progress(
             f"[{i}/{len(jobs)}] {variant.name} seed {seed}: mAP50-95 {result['map50_95']:.3f}, "
@@ -693,5 +677,5 @@ def run_comparison(
         "runs_wall_s": sum(r["wall_s"] for r in results),
         "total_wall_s": time.perf_counter() - start,
     }
-    _write_json_atomic(output / "yolo-compare.json", payload)
+    atomic_write_json(output / "yolo-compare.json", payload)
     return payload

@@ -8,6 +8,7 @@ from dilateformer.models.convert import (
     load_checkpoint_file,
     load_into,
     load_weights,
+    read_metadata,
     save_weights,
 )
 from dilateformer.models.dilateformer import (
@@ -35,5 +36,6 @@ __all__ = [
     "load_checkpoint_file",
     "load_into",
     "load_weights",
+    "read_metadata",
     "save_weights",
 ]

@@ -10,11 +10,10 @@ ValueError. This project's own weights are safetensors files, written atomically
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dilateformer.files import atomic_path
+
 __all__ = [
     "convert_official_checkpoint",
     "is_official_state_dict",
@@ -30,6 +31,7 @@ __all__ = [
     "load_into",
     "match_state_dict",
     "load_weights",
+    "read_metadata",
     "save_weights",
     "describe_state_dict",
 ]
@@ -258,33 +260,76 @@ def load_into(
     model.load_state_dict(match_state_dict(model, state_dict, strict=strict, source=source), strict=False)
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True, use_ema: bool = False) -> None:
-    """Load a weights file (safetensors, or an official/our ``torch.save`` file) into ``model``."""
-    load_into(model, load_checkpoint_file(path, use_ema=use_ema), strict=strict, source=str(path))
+def safetensors_payload(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The ``(tensors, metadata)`` that :func:`save_weights` hands to safetensors' ``save_file``.
+
+    For savers that commit several files together (the training checkpoint's ``last`` pair).
+    """
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    # safetensors refuses shared storage and non-contiguous tensors; weights are small enough to clone.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    return tensors, {"format": "pt", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
 
 
 def save_weights(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
-    metadata: Mapping[str, str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save weights as safetensors, atomically: a crash mid-write never leaves a truncated ``path``."""
+    """Save weights as safetensors, atomically: a crash mid-write never leaves a truncated ``path``.
+
+    ``metadata`` values are JSON-encoded (read them back with :func:`read_metadata`). Missing parent
+    directories are created. Returns ``path``.
+    """
     from safetensors.torch import save_file
 
-    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tensors, meta = safetensors_payload(model_or_state_dict, metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; weights files are for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a safetensors file written by :func:`save_weights` (values JSON-decoded).
+
+    Raises:
+        ValueError: the file is missing, corrupt or not safetensors.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read checkpoint {path} ({err}); is it a complete .safetensors file?") from None
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "format":  # safetensors' own marker, not ours
+            continue
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:  # written by another tool: keep the raw string
+            out[key] = value
+    return out
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a safetensors file written by :func:`save_weights`: (state dict, metadata).
+
+    To load into a model use :func:`load_into`; for official ``torch.save`` files, :func:`load_checkpoint_file`.
+
+    Raises:
+        ValueError: the file is missing, corrupt or not safetensors.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    metadata = read_metadata(path)
+    try:
+        return load_file(str(path), device="cpu"), metadata
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read checkpoint {path} ({err}); is it a complete .safetensors file?") from None

@@ -25,7 +25,7 @@ from torchvision.ops.feature_pyramid_network import (
 )
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from dilateformer.models.convert import load_weights
+from dilateformer.models.convert import load_checkpoint_file, load_into
 from dilateformer.models.dilateformer import DilateFormer, create_dilateformer
 
 __all__ = [
@@ -113,7 +113,7 @@ def dilateformer_fpn_backbone(
     """
     body = create_dilateformer(variant, **model_kwargs)
     if weights is not None:
-        load_weights(body, weights)
+        load_into(body, load_checkpoint_file(weights), source=str(weights))
     if freeze_batchnorm:
         with torch.no_grad():
             _freeze_batchnorm(body)

@@ -6,28 +6,19 @@ Argument parsing, model loading and the report's files only; the work is :func:`
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
 from dilateformer.analysis.commands import CommandError, _guarded, _int_list, _positive_float, _progress
+from dilateformer.files import atomic_write_json
 
 WEIGHTS_FILE = "retrofit.safetensors"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def _load_model(args: argparse.Namespace):
     """The model with --checkpoint's weights; a checkpoint written by ``dilateformer train`` also lends its
     model kwargs and class count. Returns (model, metadata to carry over)."""
-    from dilateformer.train.checkpoint import load_weights, read_metadata
+    from dilateformer.train.checkpoint import read_checkpoint_weights, read_metadata
     from dilateformer.train.modeling import create_model, load_file_into, load_state_into, parse_model_kwargs
 
     kwargs = parse_model_kwargs(args.model_kwargs)
@@ -44,7 +35,7 @@ def _load_model(args: argparse.Namespace):
     if "model" in meta:
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in (meta.get("model_kwargs") or {}).items()}
         model = create_model(args.model, int(meta["num_classes"]), model_kwargs={**saved, **kwargs})
-        load_state_into(model, load_weights(path)[0], source=str(path))
+        load_state_into(model, read_checkpoint_weights(path)[0], source=str(path))
         return model, {**meta, "model_kwargs": {**saved, **kwargs}}
     from dilateformer.models import load_checkpoint_file
 
@@ -130,7 +121,7 @@ def report_figure(report, output: Path) -> Path:
 
 def _run_retrofit(args: argparse.Namespace) -> int:
     from dilateformer.retrofit import msda_vit, retrofit_config
-    from dilateformer.train.checkpoint import save_weights
+    from dilateformer.train.checkpoint import save_checkpoint_weights
     from dilateformer.train.errors import CLIError
 
     output = Path(args.output)
@@ -149,8 +140,8 @@ def _run_retrofit(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     metadata = {**meta, "model": args.model, "retrofit": retrofit_config(model)}
     metadata.setdefault("num_classes", model.num_classes)
-    save_weights(output / WEIGHTS_FILE, model.state_dict(), metadata)
-    _write_text_atomic(output / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    save_checkpoint_weights(output / WEIGHTS_FILE, model.state_dict(), metadata)
+    atomic_write_json(output / "report.json", report.to_dict())
     report_figure(report, output / "report.png")
     print(report)
     _progress(f"wrote {output / WEIGHTS_FILE}, {output / 'report.json'}, {output / 'report.png'}")

@@ -15,67 +15,47 @@ the complete state temp with the new generation and finishes the rename (roll fo
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import json
 import os
 import random
 import shutil
-import signal
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
+from dilateformer.files import commit, write_temp
+from dilateformer.models.convert import load_weights, safetensors_payload, save_weights
+from dilateformer.models.convert import read_metadata as _read_metadata
 from dilateformer.train.errors import CLIError
 
 WEIGHTS_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".state.pt"
 TMP_SUFFIX = ".tmp"
-# Fault injection for the tests: SIGKILL this process once the temp of the file with this name is written.
-KILL_AFTER_TEMP_ENV = "DILATEFORMER_TEST_KILL_AFTER_TEMP"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows, where directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_atomic_bytes_via(writer, path: Path) -> Path:
-    """Run ``writer(tmp_path)`` then fsync the temp; returns the temp path (not yet renamed).
+    """:func:`dilateformer.files.write_temp` to the fixed temp name :func:`load_last` looks for.
 
     A failed write (a full disk, a file-size limit) removes the partial temp and raises a one-line
     :class:`CLIError`: the committed file is untouched.
     """
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with _write_errors_are_cli_errors(path):
+        return write_temp(path, writer, tmp=path.with_name(path.name + TMP_SUFFIX))
+
+
+@contextlib.contextmanager
+def _write_errors_are_cli_errors(path: Path) -> Iterator[None]:
     try:
-        writer(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        yield
     except (OSError, RuntimeError, SafetensorError) as error:
-        tmp.unlink(missing_ok=True)
         raise CLIError(_write_failure(path, error)) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # safetensors creates its file 0600; give checkpoints the usual permissions so a team can share runs.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    if os.environ.get(KILL_AFTER_TEMP_ENV) == path.name:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return tmp
 
 
 def _write_failure(path: Path, error: BaseException) -> str:
@@ -97,42 +77,28 @@ def _write_failure(path: Path, error: BaseException) -> str:
     )
 
 
-def _state_dict_for_safetensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage and non-contiguous tensors; weights are small enough to clone.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-
-
-def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """Atomically write ``state_dict`` as safetensors; ``metadata`` values are JSON-encoded."""
-    path = Path(path)
-    meta = {k: json.dumps(v) for k, v in metadata.items()}
-    tensors = _state_dict_for_safetensors(state_dict)
-    tmp = _write_atomic_bytes_via(lambda p: save_file(tensors, str(p), metadata=meta), path)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def save_checkpoint_weights(
+    path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]
+) -> None:
+    """:func:`dilateformer.models.save_weights`, with a failed write as a one-line :class:`CLIError`."""
+    with _write_errors_are_cli_errors(Path(path)):
+        save_weights(state_dict, path, metadata)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`dilateformer.models.read_metadata`, with an unreadable file as a one-line :class:`CLIError`."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = handle.metadata() or {}
-    except (SafetensorError, OSError) as error:
-        raise CLIError(f"cannot read checkpoint {path} ({error}); is it a complete .safetensors file?") from None
-    out = {}
-    for key, value in raw.items():
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+        return _read_metadata(path)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
 
 
-def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    metadata = read_metadata(path)
+def read_checkpoint_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`dilateformer.models.load_weights`, with an unreadable file as a one-line :class:`CLIError`."""
     try:
-        return load_file(str(path)), metadata
-    except (SafetensorError, OSError) as error:
-        raise CLIError(f"cannot read checkpoint {path} ({error}); is it a complete .safetensors file?") from None
+        return load_weights(path)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -176,15 +142,13 @@ def save_last(
     output = Path(output)
     weights, state = output / f"last{WEIGHTS_SUFFIX}", output / f"last{STATE_SUFFIX}"
     generation = uuid.uuid4().hex
-    meta = {k: json.dumps(v) for k, v in {**metadata, "generation": generation}.items()}
-    tensors = _state_dict_for_safetensors(model_state)
+    tensors, meta = safetensors_payload(model_state, {**metadata, "generation": generation})
     state_obj = {**train_state, "generation": generation}
     tmp_state = _write_atomic_bytes_via(lambda p: torch.save(state_obj, p), state)
     tmp_weights = _write_atomic_bytes_via(lambda p: save_file(tensors, str(p), metadata=meta), weights)
     # Both temps are complete and fsynced from here on; the renames are the commit.
-    os.replace(tmp_weights, weights)
-    os.replace(tmp_state, state)
-    _fsync_dir(output)
+    commit(tmp_weights, weights)
+    commit(tmp_state, state)
 
 
 def _torch_load(path: Path) -> dict[str, Any]:
@@ -233,7 +197,7 @@ def load_last(
         except CLIError:
             pending = {}
         if pending.get("generation") == metadata.get("generation"):
-            os.replace(tmp_state, state_path)
+            commit(tmp_state, state_path)
     for leftover in (tmp_state, tmp_weights):  # a save killed before its renames: the old pair stands
         if leftover.exists():
             leftover.unlink()
@@ -242,5 +206,5 @@ def load_last(
     train_state = _torch_load(state_path)
     if train_state.get("generation") != metadata.get("generation"):
         raise CLIError(f"--resume: {weights_path} and {state_path.name} are from different saves")
-    weights, _ = load_weights(weights_path)
+    weights, _ = read_checkpoint_weights(weights_path)
     return weights, metadata, train_state

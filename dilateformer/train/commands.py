@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dilateformer.files import atomic_path
 from dilateformer.train.errors import CLIError
 
 RESUME_AUTO = "auto"
@@ -738,7 +739,9 @@ def run_train(args: argparse.Namespace) -> int:
                 # this epoch and writes best again. The other order could commit a last that points at a best
                 # that was never written.
                 best_weights = unwrap(model_ema).state_dict() if model_ema else model.state_dict()
-                ckpt.save_weights(output / "best.safetensors", best_weights, _best_meta(meta, judged.top1, model_ema))
+                ckpt.save_checkpoint_weights(
+                    output / "best.safetensors", best_weights, _best_meta(meta, judged.top1, model_ema)
+                )
             ckpt.save_last(output, model.state_dict(), meta, state)
             _write_csv(output / "metrics.csv", history)
             if writer is not None:
@@ -816,7 +819,9 @@ def _ensure_best(output: Path, best_top1: float, best_epoch: int, state, weights
         use_ema = state.get("ema") is not None
         tensors = state["ema"] if use_ema else weights
         meta = {k: v for k, v in last_meta.items() if k != "generation"}
-        ckpt.save_weights(best_file, tensors, {**meta, "val_top1": best_top1, "weights": "ema" if use_ema else "model"})
+        ckpt.save_checkpoint_weights(
+            best_file, tensors, {**meta, "val_top1": best_top1, "weights": "ema" if use_ema else "model"}
+        )
         warn(f"{best_file} was missing; rewrote it from the saved epoch {best_epoch + 1} (top-1 {best_top1:.2f}%)")
         return best_top1, best_epoch
     warn(
@@ -886,12 +891,10 @@ def check_input_size(model: torch.nn.Module, img_size: int, device: torch.device
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Rewrite the whole CSV from the checkpointed history: after a resume it matches the weights exactly."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _tensorboard(output: Path):
@@ -931,13 +934,13 @@ def load_for_inference(args: argparse.Namespace, device: torch.device) -> tuple[
     from timm.data import resolve_data_config
 
     from dilateformer.models import load_checkpoint_file
-    from dilateformer.train.checkpoint import load_weights, read_metadata
+    from dilateformer.train.checkpoint import read_checkpoint_weights, read_metadata
     from dilateformer.train.modeling import create_model, load_state_into
 
     path = _resolve_checkpoint_file(args.checkpoint)
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}
     if "model" in meta:
-        state, _ = load_weights(path)
+        state, _ = read_checkpoint_weights(path)
         name = args.model or meta["model"]
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (meta.get("model_kwargs") or {}).items()}
         num_classes = int(meta["num_classes"])

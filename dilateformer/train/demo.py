@@ -15,9 +15,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from dilateformer.analysis.measure import count_macs, format_table, median_ms, saved_for_backward_bytes
+from dilateformer.files import atomic_write_json
 from dilateformer.models import global_twin
 from dilateformer.ops.context import default_backend, select_backend
 from dilateformer.train.errors import CLIError
@@ -162,9 +161,7 @@ def run_demo(args: argparse.Namespace) -> int:
     with use_backend(resolved):
         result = _run(settings, args.seed, output, say)
     result["wall_seconds"] = time.perf_counter() - started
-    tmp = output / ".demo.json.tmp"  # atomic: an interrupted write never leaves a truncated demo.json
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, output / "demo.json")
+    atomic_write_json(output / "demo.json", result)  # an interrupted write never leaves a truncated demo.json
     say(f"\ndone in {result['wall_seconds']:.0f}s; outputs in {output.resolve()}")
     return 0
 

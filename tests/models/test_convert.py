@@ -63,7 +63,7 @@ def test_official_training_checkpoint_file_loads_safely(official_mini_state_dict
         path,
     )
     model = DilateFormer(**MINI).eval()
-    load_weights(model, path)
+    load_into(model, load_checkpoint_file(path), source=str(path))
     with torch.no_grad():
         torch.testing.assert_close(model(official_mini_io["input"]), official_mini_io["logits"], atol=1e-4, rtol=0)
 
@@ -118,7 +118,7 @@ def test_checkpoint_of_another_variant_lists_mismatched_keys(tmp_path):
     path = save_weights(small, tmp_path / "other.safetensors")
     model = timm.create_model("dilateformer_nano", depths=(1, 2, 1, 1))
     with pytest.raises(ValueError) as info:
-        load_weights(model, path)
+        load_into(model, load_checkpoint_file(path), source=str(path))
     message = str(info.value)
     assert "embed_dim=48" in message and "embed_dim=24" in message
     assert (
@@ -134,8 +134,10 @@ def test_safetensors_round_trip_is_atomic(tmp_path, monkeypatch):
     model = timm.create_model("dilateformer_nano").eval()
     path = save_weights(model, tmp_path / "nano.safetensors", metadata={"variant": "dilateformer_nano"})
     assert [p.name for p in tmp_path.iterdir()] == ["nano.safetensors"]  # no temp file left behind
+    state, metadata = load_weights(path)
+    assert metadata == {"variant": "dilateformer_nano"}
     clone = timm.create_model("dilateformer_nano").eval()
-    load_weights(clone, path)
+    load_into(clone, state)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(clone(x), model(x))

@@ -10,8 +10,8 @@ import timm
 import torch
 
 from dilateformer.cli import main
+from dilateformer.models import load_weights
 from dilateformer.retrofit import RetrofitAttention
-from dilateformer.train.checkpoint import load_weights
 from tests.train.conftest import make_image_folder
 
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "depth=2",

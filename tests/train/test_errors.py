@@ -9,7 +9,7 @@ import timm
 import torch
 
 from dilateformer.cli import main
-from dilateformer.train.checkpoint import save_weights
+from dilateformer.models import save_weights
 from dilateformer.train.data import CorruptImageError, worker_error_message
 
 
@@ -71,7 +71,7 @@ def test_unknown_model_suggests_the_closest(capsys, image_folder: Path, tmp_path
 def test_checkpoint_that_does_not_fit_lists_the_keys(capsys, image_folder: Path, tmp_path: Path) -> None:
     other = timm.create_model("dilateformer_nano", num_classes=3, embed_dim=24)  # wider than embed_dim=12
     path = tmp_path / "other.safetensors"
-    save_weights(path, other.state_dict(), {})
+    save_weights(other.state_dict(), path)
     err = _fails(capsys, *_train(image_folder, tmp_path, "--initial-checkpoint", str(path)))
     assert (
         "does not fit" in err
@@ -91,7 +91,7 @@ def test_unwritable_output_dir(capsys, image_folder: Path, tmp_path: Path) -> No
 
 def test_existing_run_is_not_overwritten(capsys, image_folder: Path, tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
-    save_weights(tmp_path / "run" / "last.safetensors", {"x": torch.zeros(1)}, {})
+    save_weights({"x": torch.zeros(1)}, tmp_path / "run" / "last.safetensors")
     err = _fails(capsys, *_train(image_folder, tmp_path))
     assert "already holds a run" in err and "--resume" in err
 

@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from dilateformer.cli import main
-from dilateformer.models import load_checkpoint_file
-from dilateformer.train.checkpoint import KILL_AFTER_TEMP_ENV, load_last, read_metadata, save_weights
+from dilateformer.files import KILL_AFTER_TEMP_ENV
+from dilateformer.models import load_checkpoint_file, save_weights
+from dilateformer.train.checkpoint import load_last, read_metadata
 from dilateformer.train.data import MAX_IMAGE_PIXELS, CorruptImageError, ImageFolderDataset, load_image
 from dilateformer.train.modeling import create_model, parse_model_kwargs
 
@@ -320,7 +321,7 @@ def test_resume_warns_on_settings_that_break_exactness_and_refuses_a_new_model(
 
 def test_initial_checkpoint_with_another_head_is_refused(image_folder: Path, tmp_path: Path, capsys) -> None:
     ten = timm.create_model("dilateformer_nano", num_classes=10, embed_dim=12)
-    save_weights(tmp_path / "ten.safetensors", ten.state_dict(), {})
+    save_weights(ten.state_dict(), tmp_path / "ten.safetensors")
     err = _one_line_error(capsys, _train(image_folder, tmp_path / "run", "--initial-checkpoint",
                                          str(tmp_path / "ten.safetensors")))  # fmt: skip
     assert "is (10,)" in err and "this model's (3,)" in err and "all keys must fit" in err
