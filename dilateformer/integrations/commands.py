@@ -193,7 +193,7 @@ def _run_yolo_compare(args: argparse.Namespace) -> int:
 
 
 def _add_yolo_compare(subparsers) -> None:
-    """Owned by the YOLO comparison work: ``dilateformer yolo-compare [--data YAML] [--variants ...] ...``."""
+    """``dilateformer yolo-compare [--data YAML] [--variants ...] [--seeds ...] [--epochs N] [--imgsz N] ...``."""
     from dilateformer.analysis.commands import _guarded
 
     p = subparsers.add_parser(
