@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -28,9 +27,9 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from dilateformer.functional import check_dilations, check_heads_divisible, check_kernel_size, quiet_at_trace_time
-from dilateformer.nn.amp import autocast_state
 from dilateformer.nn.attention import GlobalAttention, MultiScaleDilatedAttention
 from dilateformer.nn.linear import is_symbolic_tracing, linear, runs_own_forward
+from dilateformer.nn.recompute import batch_norm_gelu, batch_norm_gelu_applies, gelu_mlp
 
 __all__ = [
     "DilateFormer",
@@ -85,8 +84,25 @@ class ConvStem(nn.Sequential):
         # oneDNN runs these full-resolution convs (and BN, GELU) about 20% faster channels-last on CPU; the stages
         # after the stem run channels-last anyway.
         x = x.contiguous(memory_format=torch.channels_last)
-        for layer in self:  # not super().forward, which TorchScript cannot compile
-            x = layer(x)
+        if torch.jit.is_scripting() or is_symbolic_tracing():
+            for layer in self:  # not super().forward, which TorchScript cannot compile
+                x = layer(x)
+            return x
+        return self._training_forward(x)
+
+    @torch.jit.unused
+    def _training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # BN + GELU as one Function where it applies: the full-resolution BN outputs are recomputed in backward
+        # instead of kept (64 MB of a Tiny training step at batch 8, 224x224).
+        layers = list(self)
+        i = 0
+        while i < len(layers):
+            if i + 1 < len(layers) and batch_norm_gelu_applies(layers[i], layers[i + 1], x):
+                x = batch_norm_gelu(layers[i], layers[i + 1], x)
+                i += 2
+            else:
+                x = layers[i](x)
+                i += 1
         return x
 
 
@@ -116,51 +132,12 @@ class Downsample(nn.Module):
         return self.norm(self.conv(x))
 
 
-class _GeluMlpFunction(torch.autograd.Function):
-    """fc1 -> GELU -> fc2 that keeps only the MLP input and fc1's output for backward.
-
-    Autograd would also keep GELU's output (4C per position, for fc2's weight gradient); recomputing it from
-    fc1's output in backward is one cheap elementwise op and cuts the MLP's saved activations from 9C to 5C.
-
-    Autocast-correct on every device: the backward runs under the autocast state the forward ran under (what
-    ``torch.amp.custom_bwd`` does for one fixed device type), so its matmuls see the dtypes the forward's did.
-    """
-
-    @staticmethod
-    def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate: str):
-        ctx.autocast = autocast_state(x.device.type)
-        hidden = F.linear(x, fc1_weight, fc1_bias)
-        ctx.save_for_backward(x, fc1_weight, fc2_weight, hidden)
-        ctx.approximate = approximate
-        ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
-        return F.linear(F.gelu(hidden, approximate=approximate), fc2_weight, fc2_bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        with torch.autocast(**ctx.autocast):
-            return _GeluMlpFunction._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
-        x, fc1_weight, fc2_weight, hidden = ctx.saved_tensors
-        act = F.gelu(hidden, approximate=ctx.approximate)
-        grad_out2d = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_fc2_weight = grad_out2d.t() @ act.reshape(-1, act.shape[-1])
-        grad_fc2_bias = grad_out2d.sum(0) if ctx.has_bias[1] else None
-        grad_hidden = torch.ops.aten.gelu_backward(grad_out @ fc2_weight, hidden, approximate=ctx.approximate)
-        grad_hidden2d = grad_hidden.reshape(-1, grad_hidden.shape[-1])
-        grad_fc1_weight = grad_hidden2d.t() @ x.reshape(-1, x.shape[-1])
-        grad_fc1_bias = grad_hidden2d.sum(0) if ctx.has_bias[0] else None
-        grad_x = grad_hidden @ fc1_weight if ctx.needs_input_grad[0] else None
-        return grad_x, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias, None
-
-
 class BlockMlp(Mlp):
     """timm's Mlp (same submodules and keys) that trains with less activation memory when it can.
 
     With plain ``nn.Linear`` layers, a GELU activation, no dropout, no hidden norm and no hooks, a training forward
-    runs :class:`_GeluMlpFunction`, and an eager float32 CPU inference forward runs oneDNN kernels (fc1 and the GELU
-    as one); anything else, e.g. LoRA-wrapped or quantized layers, runs timm's plain forward.
+    runs :func:`~dilateformer.nn.recompute.gelu_mlp`, and an eager float32 CPU inference forward runs oneDNN
+    kernels (fc1 and the GELU as one); anything else, e.g. LoRA-wrapped or quantized layers, runs timm's plain forward.
     """
 
     @torch.jit.unused
@@ -186,12 +163,25 @@ class BlockMlp(Mlp):
     def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         approximate = self._fused_gelu()
         if approximate is not None and self.training and torch.is_grad_enabled():
-            return _GeluMlpFunction.apply(
-                x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, approximate
-            )
+            return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, approximate)
         if approximate == "none":  # the plain forward, through oneDNN where that applies
             return linear(linear(x, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight, self.fc2.bias)
         return super().forward(x)
+
+    @torch.jit.unused
+    def forward_normed(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``self(norm(x))``. In training with a plain LayerNorm ``norm`` (and the fused forward), the norm's output
+        is recomputed in backward instead of kept."""
+        approximate = self._fused_gelu()
+        if (
+            approximate is not None
+            and self.training
+            and torch.is_grad_enabled()
+            and runs_own_forward(self, BlockMlp)
+            and runs_own_forward(norm, nn.LayerNorm)
+        ):
+            return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, approximate, norm)
+        return self(norm(x))
 
 
 class DilateBlock(nn.Module):
@@ -272,8 +262,13 @@ class DilateBlock(nn.Module):
         x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)
         x = x + self.drop_path1(self.attn(self.norm1(x)))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path2(self._mlp(x))
         return x.permute(0, 3, 1, 2)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting() or is_symbolic_tracing():
+            return self.mlp(self.norm2(x))
+        return self.mlp.forward_normed(self.norm2, x)  # saves less for backward
 
 
 class DilateStage(nn.Module):
