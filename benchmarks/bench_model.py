@@ -1,10 +1,13 @@
 """DilateFormer model benchmark: inference (eager and torch.compile), training, saved-for-backward memory.
 
-Rows are measured in interleaved rounds, and a second table gives each row relative to the official-style model
-(the official architecture with unfold MSDA, same weights) from the same run.
+Rows are measured in interleaved rounds, each round also timing a 2048^3 fp32 matmul: the GEMM floor row is its
+rate at the model's FLOPs (x3 for training). The attainable floor row is the sum of the model's own ops, each
+replayed alone at its real shapes. Then each row's share of both floors (%), and each row relative to the
+official-style model (the official architecture with unfold MSDA, same weights) from the same run.
 
-python benchmarks/bench_model.py                       # Tiny, its global twin and the official-style model
-python benchmarks/bench_model.py --msda-backends auto eager --no-compile
+python benchmarks/bench_model.py --threads 2           # Tiny, its global twin, the official-style model, floors
+python benchmarks/bench_model.py --threads 2 --no-twin --no-official --repeats 3    # Tiny and its floors only
+python benchmarks/bench_model.py --msda-backends auto eager --no-compile --no-floors
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-floors", action="store_true", help="skip the GEMM and attainable floor rows")
     args = parser.parse_args()
     rows = run_model_benchmark(
         models=args.models,
@@ -40,6 +44,7 @@ def main() -> None:
         repeats=args.repeats,
         warmup=args.warmup,
         threads=args.threads,
+        floors=not args.no_floors,
         log=print,
     )
     print()

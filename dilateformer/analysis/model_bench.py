@@ -133,7 +133,7 @@ def run_model_benchmark(
             sgemm = _measure_interleaved(subjects, compiled, train, repeats, warmup, say, floors)
             rows += [subject.row for subject in subjects]
             if floors:
-                gemm_floor = _floor_row(subjects[0].row, GEMM_FLOOR, "sgemm 2048^3 fp32, same rounds")
+                gemm_floor = _floor_row(subjects[0].row, GEMM_FLOOR, f"{GEMM_FLOOR}: sgemm 2048^3, same rounds")
                 flops = 2 * gemm_floor["gmacs"] * 1e9
                 for key, rate in sgemm.items():
                     factor = TRAIN_FLOP_FACTOR if key == "train_img_s" else 1
@@ -284,7 +284,7 @@ def _floor_row(like: dict[str, Any], floor: str, attention: str) -> dict[str, An
 
 def _attainable_floor_row(subject: _Subject, train: bool, repeats: int, say: Callable[[str], None]) -> dict[str, Any]:
     """The sum of the bare-op times of the subject's eager inference and training step, as images/s."""
-    row = _floor_row(subject.row, ATTAINABLE_FLOOR, "sum of bare ops at real shapes")
+    row = _floor_row(subject.row, ATTAINABLE_FLOOR, f"{ATTAINABLE_FLOOR}: sum of bare ops")
     batch = subject.x.shape[0]
     subject.model.eval()
     timings, _ = time_ops(record_ops(subject.infer_eager), repeats=repeats)
@@ -295,7 +295,8 @@ def _attainable_floor_row(subject: _Subject, train: bool, repeats: int, say: Cal
         assert subject.optimizer is not None
         timings, _ = time_ops(record_ops(subject.forward_backward, subject.optimizer.step), repeats=repeats)
         row["train_img_s"] = batch / (sum(t.total_ms for t in timings) / 1e3)
-    say(f"{subject.label}: attainable floor {row['infer_eager_img_s']:.1f} img/s inference, {row['train_img_s']} train")
+    train_text = "" if row["train_img_s"] is None else f", {row['train_img_s']:.2f} img/s training"
+    say(f"{subject.label}: attainable floor {row['infer_eager_img_s']:.2f} img/s inference{train_text}")
     return row
 
 

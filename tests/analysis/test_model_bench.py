@@ -53,10 +53,12 @@ def test_run_model_benchmark_rows_and_table():
 
 @pytest.fixture
 def quick_replay(monkeypatch):
-    """Replays every op the given number of times only, not for a minimum time, to keep the tests short."""
+    """Replays every op the given number of times only, not for a minimum time, and a small reference matmul, to
+    keep the tests short."""
     from dilateformer.analysis import breakdown, model_bench
 
     monkeypatch.setattr(model_bench, "time_ops", functools.partial(breakdown.time_ops, min_seconds=0.0))
+    monkeypatch.setattr(model_bench, "sgemm_step", functools.partial(breakdown.sgemm_step, size=256))
 
 
 def test_floor_rows_follow_from_the_sgemm_rate_and_the_bare_ops(quick_replay):
