@@ -265,3 +265,25 @@ def test_block_mlp_inference_runs_one_onednn_kernel_with_the_plain_result():
         torch.testing.assert_close(mlp(x), expected + 1.0)
     mlp.train()
     torch.testing.assert_close(mlp(x), expected + 1.0)
+
+
+def test_recomputed_norms_give_the_plain_gradients_and_statistics_and_save_less():
+    """The stem's BN + GELU and each block's LayerNorm + MLP recompute their norm outputs in backward; a no-op hook
+    on those norms makes the model run them plainly, which must give the same results (float64)."""
+    from dilateformer.analysis.measure import saved_for_backward_bytes
+
+    torch.manual_seed(0)
+    fused = create_dilateformer("dilateformer_nano", drop_path_rate=0.0).double().train()
+    plain = create_dilateformer("dilateformer_nano", drop_path_rate=0.0).double().train()
+    plain.load_state_dict(fused.state_dict())
+    for name, module in plain.named_modules():
+        if name.endswith("norm2") or isinstance(module, nn.BatchNorm2d):
+            module.register_forward_hook(lambda *args: None)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.double)
+    for model in (fused, plain):
+        model(x).square().sum().backward()
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(fused.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert saved_for_backward_bytes(lambda: fused(x)) < saved_for_backward_bytes(lambda: plain(x))
