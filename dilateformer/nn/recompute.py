@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dilateformer.nn.amp import autocast_state
-from dilateformer.nn.linear import runs_own_forward
+from dilateformer.nn.linear import linear, runs_own_forward
 
 __all__ = ["gelu_mlp", "batch_norm_gelu", "batch_norm_gelu_applies"]
 
@@ -41,9 +41,12 @@ class _GeluMlpFunction(torch.autograd.Function):
         ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
         ctx.norm_eps = norm_eps
         normed = x if norm_eps is None else F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, norm_eps)
-        hidden = F.linear(normed, fc1_weight, fc1_bias)
+        # Autograd is off in here, so float32 CPU matmuls may take oneDNN's kernels (up to 6% faster fwd + bwd at
+        # stage 3); not under autocast, which would not see them.
+        matmul = F.linear if torch.is_autocast_enabled(x.device.type) else linear
+        hidden = matmul(normed, fc1_weight, fc1_bias)
         ctx.save_for_backward(x, fc1_weight, fc2_weight, hidden, norm_weight, norm_bias)
-        return F.linear(F.gelu(hidden, approximate=approximate), fc2_weight, fc2_bias)
+        return matmul(F.gelu(hidden, approximate=approximate), fc2_weight, fc2_bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -71,7 +74,7 @@ class _GeluMlpFunction(torch.autograd.Function):
         if ctx.norm_eps is None:
             return grad_normed, *grads, None, None, None
         grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
-            grad_normed,
+            grad_normed.to(normed.dtype),  # under autocast the matmul's gradient has its lower dtype
             x,
             x.shape[-1:],
             mean,
@@ -126,8 +129,9 @@ class _BatchNormGeluFunction(torch.autograd.Function):
             x, weight, bias, mean, invstd = ctx.saved_tensors
             shape = (1, -1) + (1,) * (x.dim() - 2)
             scale = invstd * weight
-            out = torch.addcmul((bias - mean * scale).view(shape), x, scale.view(shape))
-            grad_bn = torch.ops.aten.gelu_backward(grad_out, out, approximate=ctx.approximate)
+            # In the forward's dtype: under autocast x may be of a lower dtype than the statistics and weights.
+            out = torch.addcmul((bias - mean * scale).view(shape), x, scale.view(shape)).to(x.dtype)
+            grad_bn = torch.ops.aten.gelu_backward(grad_out.to(x.dtype), out, approximate=ctx.approximate)
             grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 grad_bn, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3])
             )
