@@ -9,31 +9,14 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from dilateformer.errors import CommandError, one_line
 from dilateformer.files import atomic_write_json
 
 DEFAULT_MODEL = "dilateformer_tiny"
 # Largest visualize --size: the figure and the model input grow with its square; above this a typo is likelier.
 MAX_VISUALIZE_SIZE = 4096
-
-
-class CommandError(Exception):
-    """A failure to report as one line."""
-
-
-def _guarded(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def func(args: argparse.Namespace) -> int:
-        from dilateformer.analysis.visualize import InputError
-
-        try:
-            return run(args)
-        except (InputError, CommandError, FileNotFoundError) as error:
-            print(f"dilateformer {name}: error: {error}", file=sys.stderr)
-            return 2
-
-    return func
 
 
 def _positive_float(text: str) -> float:
@@ -63,7 +46,6 @@ def _create_model(name: str, checkpoint: str | None, *, any_timm: bool = False, 
     other_timm = any_timm and not name.startswith("dilateformer")
     if other_timm:
         from dilateformer.models import create_model
-        from dilateformer.train.modeling import one_line
 
         try:
             model = create_model(name, **{"num_classes": 1000, **kwargs})
@@ -92,8 +74,6 @@ def _create_model(name: str, checkpoint: str | None, *, any_timm: bool = False, 
             else:
                 load_into(model, load_checkpoint_file(checkpoint), source=checkpoint)
         except (ValueError, RuntimeError) as error:
-            from dilateformer.train.modeling import one_line
-
             raise CommandError(f"--checkpoint {checkpoint}: {one_line(str(error))}") from error
     return model.eval()
 
@@ -170,7 +150,7 @@ def _add_visualize(subparsers) -> None:
     )
     # "--query -1,-1" is a (bad) value to report, not an unknown flag.
     p._negative_number_matcher = re.compile(r"^-\d[\d.,\-]*$")
-    p.set_defaults(func=_guarded("visualize", _run_visualize))
+    p.set_defaults(func=_run_visualize)
 
 
 # --------------------------------------------------------------------------------------------------- profile
@@ -178,11 +158,10 @@ def _add_visualize(subparsers) -> None:
 
 def _run_profile(args: argparse.Namespace) -> int:
     from dilateformer.analysis.profile import parse_sizes, profile_figure, profile_models, profile_table
-    from dilateformer.analysis.visualize import InputError
 
     sizes = parse_sizes(args.sizes)
     if args.batch < 1 or args.repeats < 1:
-        raise InputError(f"--batch and --repeats must be positive ints, got {args.batch} and {args.repeats}")
+        raise ValueError(f"--batch and --repeats must be positive ints, got {args.batch} and {args.repeats}")
     context = _backend_context(args.backend)
     with context:
         rows = profile_models(
@@ -244,7 +223,7 @@ def _add_profile(subparsers) -> None:
     )
     p.add_argument("--json", default="profile.json", help="JSON output (default profile.json)")
     p.add_argument("--plot", default="profile.png", help="PNG output (default profile.png)")
-    p.set_defaults(func=_guarded("profile", _run_profile))
+    p.set_defaults(func=_run_profile)
 
 
 # ------------------------------------------------------------------------------------------------- benchmark
@@ -333,7 +312,7 @@ def _add_benchmark(subparsers) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip whole-model torch.compile inference")
     p.add_argument("--json", default="benchmark.json", help="JSON output (default benchmark.json)")
     p.add_argument("--plot", default="benchmark.png", help="PNG output (default benchmark.png)")
-    p.set_defaults(func=_guarded("benchmark", _run_benchmark))
+    p.set_defaults(func=_run_benchmark)
 
 
 # -------------------------------------------------------------------------------------------------- locality
@@ -388,13 +367,9 @@ def _run_locality(args: argparse.Namespace) -> int:
     if args.twin and not args.model.startswith("dilateformer"):
         raise CommandError(f"--twin needs a DilateFormer model, got {args.model}")
     sources = _image_sources(args.images)  # fail on the images before building any model
-    from dilateformer.train.errors import CLIError
     from dilateformer.train.modeling import parse_model_kwargs
 
-    try:
-        kwargs = parse_model_kwargs(args.model_kwargs)
-    except CLIError as error:
-        raise CommandError(str(error)) from None
+    kwargs = parse_model_kwargs(args.model_kwargs)
     model = None
     if not args.model.startswith("dilateformer") and "dynamic_img_size" not in kwargs:
         try:  # a ViT then takes any --size, with the checkpoint's position embeddings
@@ -463,7 +438,7 @@ def _add_locality(subparsers) -> None:
     p.add_argument("--dilations", type=_dilations, default=(1, 2, 3), help="MSDA dilations (default 1,2,3)")
     p.add_argument("--batch", type=int, default=4, help="images per forward (default 4)")
     p.add_argument("--output", default="locality", help="directory for locality.json and locality.png")
-    p.set_defaults(func=_guarded("locality", _run_locality))
+    p.set_defaults(func=_run_locality)
 
 
 def register(subparsers) -> None:

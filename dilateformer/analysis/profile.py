@@ -24,7 +24,7 @@ from torch import nn
 
 from dilateformer.analysis.measure import count_macs, format_table, median_ms
 from dilateformer.analysis.plots import loglog_figure, save_figure
-from dilateformer.analysis.visualize import InputError, create_registered_model
+from dilateformer.analysis.visualize import create_registered_model
 from dilateformer.models import global_twin
 
 MB = 1e6
@@ -56,12 +56,12 @@ MAX_SIZE = 4096
 
 
 def parse_sizes(text: str) -> list[int]:
-    """``"224,512,1024"`` -> ``[224, 512, 1024]``; anything but ints in 1..MAX_SIZE is an :class:`InputError`."""
+    """``"224,512,1024"`` -> ``[224, 512, 1024]``; anything but ints in 1..MAX_SIZE is an :class:`ValueError`."""
     sizes = []
     for part in text.split(","):
         part = part.strip()
         if not part.isdigit() or not 1 <= int(part) <= MAX_SIZE:
-            raise InputError(
+            raise ValueError(
                 f"--sizes takes positive integers up to {MAX_SIZE} separated by commas, e.g. 224,512; got {text!r}"
             )
         sizes.append(int(part))
@@ -150,7 +150,7 @@ def profile_models(
     """
     for name, value in (("sizes", sizes), ("batch", [batch]), ("repeats", [repeats])):
         if not value or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in value):
-            raise InputError(f"{name} must be positive ints, got {value!r}")
+            raise ValueError(f"{name} must be positive ints, got {value!r}")
     say = progress or (lambda line: None)
     budget = memory_budget if memory_budget is not None else int(0.7 * available_memory_bytes())
     models = build_pair(model_name)

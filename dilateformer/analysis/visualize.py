@@ -35,10 +35,6 @@ SIZE_MULTIPLE = 32
 QUERY_STYLE = dict(marker="*", color="red", markersize=14, markeredgecolor="white", ls="none", label="query")
 
 
-class InputError(ValueError):
-    """Bad user input (image, query, stage, sizes): the CLI prints its message as one line, no traceback."""
-
-
 @dataclass
 class GroupWindow:
     """One dilation group's k x k window for one query: key cells, weights averaged over its heads."""
@@ -89,7 +85,7 @@ def attention_layers(model: nn.Module) -> dict[tuple[int, int], nn.Module]:
     """``(stage, block) -> attention layer`` of a DilateFormer-shaped model (``stages[i].blocks[j].attn``)."""
     stages = getattr(model, "stages", None)
     if stages is None:
-        raise InputError(f"{type(model).__name__} has no .stages: expected a DilateFormer model")
+        raise ValueError(f"{type(model).__name__} has no .stages: expected a DilateFormer model")
     found = {}
     for i, stage in enumerate(stages):
         for j, block in enumerate(getattr(stage, "blocks", ())):
@@ -107,16 +103,16 @@ def pick_msda_layer(model: nn.Module, stage: int, block: int) -> tuple[str, nn.M
     layers = attention_layers(model)
     msda = stages_with(model, MultiScaleDilatedAttention)
     if not msda:
-        raise InputError("this model has no MSDA layer in any stage")
+        raise ValueError("this model has no MSDA layer in any stage")
     if (stage, 0) not in layers:
-        raise InputError(f"stage {stage} does not exist; the model has stages 0-{max(s for s, _ in layers)}")
+        raise ValueError(f"stage {stage} does not exist; the model has stages 0-{max(s for s, _ in layers)}")
     if stage not in msda:
-        raise InputError(
+        raise ValueError(
             f"stage {stage} has no MSDA (it uses global attention); stages with MSDA: {', '.join(map(str, msda))}"
         )
     blocks = sorted(b for s, b in layers if s == stage)
     if block not in blocks:
-        raise InputError(f"stage {stage} has blocks 0-{blocks[-1]}, got --block {block}")
+        raise ValueError(f"stage {stage} has blocks 0-{blocks[-1]}, got --block {block}")
     return f"stages.{stage}.blocks.{block}.attn", layers[(stage, block)]
 
 
@@ -131,7 +127,7 @@ def pick_global_layer(model: nn.Module, twin: nn.Module | None, stage: int, bloc
             return twin, f"stages.{stage}.blocks.{block}.attn", f"global twin stages.{stage}.blocks.{block}"
     global_stages = stages_with(model, GlobalAttention)
     if not global_stages:
-        raise InputError("no global-attention layer to compare with: pass a global-attention twin")
+        raise ValueError("no global-attention layer to compare with: pass a global-attention twin")
     s = global_stages[0]
     return model, f"stages.{s}.blocks.0.attn", f"this model's global stages.{s}.blocks.0"
 
@@ -149,11 +145,11 @@ def load_image(path: str | Path):
     from dilateformer.train.data import load_image as load_rgb8
 
     if not Path(path).is_file():
-        raise InputError(f"image not found: {path}")
+        raise ValueError(f"image not found: {path}")
     try:
         return load_rgb8(path)
     except CorruptImageError as error:
-        raise InputError(str(error)) from None
+        raise ValueError(str(error)) from None
 
 
 def model_input_size(image_hw: tuple[int, int], size: int) -> tuple[int, int]:
@@ -184,7 +180,7 @@ def check_queries(queries: Sequence[tuple[float, float]], image_hw: tuple[int, i
     h, w = image_hw
     for y, x in queries:
         if not (0 <= y < h and 0 <= x < w):
-            raise InputError(
+            raise ValueError(
                 f"query y={y:g}, x={x:g} is outside the image (height {h}, width {w}; y in [0, {h}), x in [0, {w}))"
             )
     return list(queries)
@@ -198,7 +194,7 @@ def parse_query(text: str) -> tuple[float, float]:
             raise ValueError
         y, x = (float(p) for p in parts)
     except ValueError:
-        raise InputError(f"--query takes 'y,x' in pixels, e.g. 120,200; got {text!r}") from None
+        raise ValueError(f"--query takes 'y,x' in pixels, e.g. 120,200; got {text!r}") from None
     return y, x
 
 
@@ -248,7 +244,7 @@ def attention_figure(
     if isinstance(image, (list, tuple)):
         images = [load_image(i) if isinstance(i, (str, Path)) else i for i in image]
         if queries is not None and len(queries) != len(images):
-            raise InputError(f"with {len(images)} images, give one query per image, got {len(queries)}")
+            raise ValueError(f"with {len(images)} images, give one query per image, got {len(queries)}")
         per_image = [[q] if q is not None else None for q in (queries or [None] * len(images))]
     else:
         images = [load_image(image) if isinstance(image, (str, Path)) else image]
@@ -409,7 +405,7 @@ def _draw_window(
 
 
 def create_registered_model(model_name: str, **kwargs) -> nn.Module:
-    """:func:`dilateformer.models.create_model` for a DilateFormer name; a bad name or argument is an InputError."""
+    """:func:`dilateformer.models.create_model` for a DilateFormer name; a bad name or argument is an ValueError."""
     import timm
 
     from dilateformer.models import create_model
@@ -417,4 +413,4 @@ def create_registered_model(model_name: str, **kwargs) -> nn.Module:
     try:
         return create_model(model_name, known=timm.list_models("dilateformer*"), **kwargs)
     except ValueError as error:
-        raise InputError(str(error)) from None
+        raise ValueError(str(error)) from None

@@ -10,6 +10,8 @@ import argparse
 import re
 from pathlib import Path
 
+from dilateformer.errors import CommandError
+
 # ------------------------------------------------------------------------------------------------- defects
 
 
@@ -39,7 +41,6 @@ def _count(minimum: int):
 
 
 def _run_defects(args: argparse.Namespace) -> int:
-    from dilateformer.analysis.commands import CommandError
     from dilateformer.integrations.defects import DEFECT_CLASSES, dataset_stats, make_defect_dataset, sample_grid
 
     try:
@@ -70,7 +71,6 @@ def _run_defects(args: argparse.Namespace) -> int:
 
 def _add_defects(subparsers) -> None:
     """``dilateformer defects --output DIR [--seed N] [--num-train N] [--num-val N] [--image-size N] ...``."""
-    from dilateformer.analysis.commands import _guarded
 
     p = subparsers.add_parser(
         "defects",
@@ -87,7 +87,7 @@ def _add_defects(subparsers) -> None:
     p.add_argument("--image-size", type=_image_size, default=256, help="image side in pixels (default 256)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset written here with other settings")
     p.add_argument("--grid", metavar="PNG", help="sample grid image (default DIR/sample_grid.png)")
-    p.set_defaults(func=_guarded("defects", _run_defects))
+    p.set_defaults(func=_run_defects)
 
 
 # -------------------------------------------------------------------------------------------- yolo-compare
@@ -150,8 +150,6 @@ def _run_yolo_compare(args: argparse.Namespace) -> int:
     import dataclasses
     import os
 
-    from dilateformer.analysis.commands import CommandError
-
     os.environ.setdefault("YOLO_OFFLINE", "1")  # before Ultralytics' first import: it reads it once
     try:
         import ultralytics  # noqa: F401
@@ -194,7 +192,6 @@ def _run_yolo_compare(args: argparse.Namespace) -> int:
 
 def _add_yolo_compare(subparsers) -> None:
     """``dilateformer yolo-compare [--data YAML] [--variants ...] [--seeds ...] [--epochs N] [--imgsz N] ...``."""
-    from dilateformer.analysis.commands import _guarded
 
     p = subparsers.add_parser(
         "yolo-compare",
@@ -235,7 +232,7 @@ def _add_yolo_compare(subparsers) -> None:
         help="a smoke test of a few minutes: 3 variants x 2 seeds, 1 epoch, 64 px, 16 generated images "
         "(explicit flags still override)",
     )
-    p.set_defaults(func=_guarded("yolo-compare", _run_yolo_compare))
+    p.set_defaults(func=_run_yolo_compare)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

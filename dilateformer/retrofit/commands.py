@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dilateformer.analysis.commands import CommandError, _guarded, _int_list, _positive_float, _progress
+from dilateformer.analysis.commands import _int_list, _positive_float, _progress
+from dilateformer.errors import CommandError
 from dilateformer.files import atomic_write_json
 
 WEIGHTS_FILE = "retrofit.safetensors"
@@ -122,7 +123,6 @@ def report_figure(report, output: Path) -> Path:
 def _run_retrofit(args: argparse.Namespace) -> int:
     from dilateformer.retrofit import msda_vit, retrofit_config
     from dilateformer.train.checkpoint import save_checkpoint_weights
-    from dilateformer.train.errors import CLIError
 
     output = Path(args.output)
     try:
@@ -135,7 +135,7 @@ def _run_retrofit(args: argparse.Namespace) -> int:
             model, args.blocks, kernel_size=args.kernel_size, dilations=args.dilations, border=args.border,
             prefix=args.prefix, images=images, threshold=args.threshold,
         )  # fmt: skip
-    except (CLIError, ValueError, TypeError) as error:
+    except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from None
     output.mkdir(parents=True, exist_ok=True)
     metadata = {**meta, "model": args.model, "retrofit": retrofit_config(model)}
@@ -188,4 +188,4 @@ def register(subparsers) -> None:
     p.add_argument("--border", choices=("zero", "clamp"), default="zero", help="MSDA border convention")
     p.add_argument("--prefix", choices=("global", "keys"), default="global", help="how prefix tokens are treated")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the weights and the report")
-    p.set_defaults(func=_guarded("retrofit", _run_retrofit))
+    p.set_defaults(func=_run_retrofit)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import json
 import os
 import random
@@ -17,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dilateformer.errors import CommandError
 from dilateformer.files import atomic_path
-from dilateformer.train.errors import CLIError
 
 RESUME_AUTO = "auto"
 
@@ -269,7 +268,7 @@ def _register_train(subparsers) -> None:
     )
     r.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto")
     r.add_argument("--log-interval", type=_positive_int, default=50, help="steps between log lines when not a TTY")
-    p.set_defaults(func=_guarded(run_train))
+    p.set_defaults(func=run_train)
 
 
 def _register_eval(subparsers) -> None:
@@ -286,7 +285,7 @@ def _register_eval(subparsers) -> None:
     p.add_argument("-b", "--batch-size", type=_positive_int, default=64, metavar="N")
     p.add_argument("--amp", action="store_true", help="mixed precision")
     p.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto")
-    p.set_defaults(func=_guarded(run_eval))
+    p.set_defaults(func=run_eval)
 
 
 def _register_predict(subparsers) -> None:
@@ -305,7 +304,7 @@ def _register_predict(subparsers) -> None:
         "--img-size", type=_IMG_SIZE, metavar="N", help=f"input resolution, 1..{MAX_IMG_SIZE} (default: checkpoint's)"
     )
     p.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto")
-    p.set_defaults(func=_guarded(run_predict))
+    p.set_defaults(func=run_predict)
 
 
 def _register_demo(subparsers) -> None:
@@ -324,51 +323,13 @@ def _register_demo(subparsers) -> None:
     p.add_argument("--sizes", default=None, metavar="N,N,...", help="resolution sweep [64,96,128,192,256]")
     p.add_argument("--quick", action="store_true", help="tiny settings that finish in seconds (tests, smoke checks)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_guarded(_run_demo))
+    p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from dilateformer.train.demo import run_demo
 
     return run_demo(args)
-
-
-def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn the errors a user can fix into one line on stderr (exit code 2) instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(args: argparse.Namespace) -> int:
-        from dilateformer.train.data import CorruptImageError, worker_error_message
-
-        try:
-            return fn(args)
-        except CLIError as error:
-            message = worker_error_message(error) if isinstance(error, CorruptImageError) else str(error)
-            print(f"dilateformer {args.command}: error: {message}", file=sys.stderr, flush=True)
-            return 2
-        except KeyboardInterrupt:
-            print(f"dilateformer {args.command}: interrupted", file=sys.stderr, flush=True)
-            return 130
-        except RuntimeError as error:
-            from dilateformer.train.distributed import peer_failed
-
-            rank = peer_failed(error)
-            if rank is None:
-                raise
-            # Another rank stopped (its one-line error is above); gloo's traceback here would only bury it.
-            print(
-                f"dilateformer {args.command}: error: rank {rank} stopped because another process failed "
-                "(the connection to it closed); see that process's error above",
-                file=sys.stderr,
-                flush=True,
-            )
-            return 2
-        finally:
-            from dilateformer.train.distributed import cleanup
-
-            cleanup()
-
-    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,7 +375,7 @@ def _check_writable(output: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise CLIError(
+        raise CommandError(
             f"cannot write to output directory {output} ({error.strerror or error}); choose another --output"
         ) from None
 
@@ -472,7 +433,7 @@ def run_train(args: argparse.Namespace) -> int:
     if last_path is not None:
         weights, _, saved_state = ckpt.load_last(last_path)
     elif info.is_main and (output / "last.safetensors").exists():
-        raise CLIError(
+        raise CommandError(
             f"{output} already holds a run; continue it with --resume {output} (or --resume auto), "
             "or pick another --output"
         )
@@ -481,7 +442,7 @@ def run_train(args: argparse.Namespace) -> int:
         for line in changed_on_resume(args, saved_state["config"]):
             warn(line)
     if not config["dataset"] and not config["data_dir"]:
-        raise CLIError("no data: pass --data-dir DIR (ImageFolder with train/ and val/) or --dataset digits")
+        raise CommandError("no data: pass --data-dir DIR (ImageFolder with train/ and val/) or --dataset digits")
     if info.is_main:
         _check_writable(output)
     say(f"defaults ({notes[0]} recipe): " + (", ".join(notes[1:]) or "none"))
@@ -496,7 +457,7 @@ def run_train(args: argparse.Namespace) -> int:
     classes = list(probe.classes)
     num_classes_guess = len(classes)
     if config["pretrained"] and not config["pretrained_path"]:
-        raise CLIError("--pretrained needs --pretrained-path FILE (local weights; nothing is downloaded)")
+        raise CommandError("--pretrained needs --pretrained-path FILE (local weights; nothing is downloaded)")
     model = create_model(
         config["model"],
         num_classes_guess,
@@ -552,11 +513,11 @@ def run_train(args: argparse.Namespace) -> int:
     per_rank = len(train_set) // info.world_size
     batch_size = config["batch_size"]
     if per_rank < batch_size:
-        raise CLIError(
+        raise CommandError(
             f"batch size {batch_size} is larger than the {per_rank} training images each process sees; lower -b"
         )
     if (config["mixup"] or config["cutmix"]) and batch_size % 2:
-        raise CLIError(f"mixup/cutmix need an even batch size, got -b {batch_size}")
+        raise CommandError(f"mixup/cutmix need an even batch size, got -b {batch_size}")
     sampler = torch.utils.data.DistributedSampler(
         train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config["seed"]
     )
@@ -617,10 +578,10 @@ def run_train(args: argparse.Namespace) -> int:
         scheduler.load_state_dict(saved_state["scheduler"])
         if model_ema is not None:
             if saved_state.get("ema") is None:
-                raise CLIError(f"--model-ema: {last_path} was trained without an EMA; resume without --model-ema")
+                raise CommandError(f"--model-ema: {last_path} was trained without an EMA; resume without --model-ema")
             unwrap(model_ema).load_state_dict(saved_state["ema"])
         if saved_state.get("class_names") != classes:
-            raise CLIError(
+            raise CommandError(
                 f"the data's classes {classes[:5]}... differ from the run's {saved_state.get('class_names', [])[:5]}..."
             )
         start_epoch = saved_state["epoch"] + 1
@@ -762,7 +723,7 @@ def run_train(args: argparse.Namespace) -> int:
         writer.close()
     best_file = output / "best.safetensors"
     if info.is_main and not best_file.exists():
-        raise CLIError(f"{best_file} is missing at the end of the run; resume with --resume {output} to rewrite it")
+        raise CommandError(f"{best_file} is missing at the end of the run; resume with --resume {output} to rewrite it")
     say(f"done: best val top-1 {best_top1:.2f}% at epoch {best_epoch + 1}; weights {best_file}")
     return 0
 
@@ -773,7 +734,7 @@ def _retrofit(model: torch.nn.Module, blocks: str, settings: dict[str, Any] | No
     try:
         return msda_vit(model, blocks, **(settings or {}), measure=False)[0]
     except (TypeError, ValueError) as error:
-        raise CLIError(f"--retrofit {blocks}: {error}") from None
+        raise CommandError(f"--retrofit {blocks}: {error}") from None
 
 
 def match_depthwise_grad_layout(model: torch.nn.Module) -> None:
@@ -844,7 +805,7 @@ RESUME_INEXACT = {
 
 
 def changed_on_resume(args: argparse.Namespace, saved: dict[str, Any]) -> list[str]:
-    """Warnings for explicit flags that differ from the resumed run's config; a CLIError for fixed ones."""
+    """Warnings for explicit flags that differ from the resumed run's config; a CommandError for fixed ones."""
     lines = []
     for key in CONFIG_KEYS:
         value = getattr(args, key, None)
@@ -857,7 +818,7 @@ def changed_on_resume(args: argparse.Namespace, saved: dict[str, Any]) -> list[s
             continue
         flag = "--" + key.replace("_", "-")
         if key in RESUME_FIXED:
-            raise CLIError(
+            raise CommandError(
                 f"--resume: the run used {flag} {old}, this command asks for {value}; that cannot change in a "
                 "resumed run (start a new run with another --output)"
             )
@@ -880,11 +841,11 @@ def check_input_size(model: torch.nn.Module, img_size: int, device: torch.device
             model(torch.zeros(1, 3, img_size, img_size, device=device))
     except (AssertionError, RuntimeError, ValueError) as error:
         first = (str(error).splitlines() or [type(error).__name__])[0]
-        raise CLIError(
+        raise CommandError(
             f"model {name} cannot take {img_size}x{img_size} input ({first}); pick another --img-size"
         ) from None
     except MemoryError:
-        raise CLIError(f"not enough memory for {name} at {img_size}x{img_size}; lower --img-size") from None
+        raise CommandError(f"not enough memory for {name} at {img_size}x{img_size}; lower --img-size") from None
     finally:
         model.train(was_training)
 
@@ -923,9 +884,9 @@ def _resolve_checkpoint_file(path: str) -> Path:
                 file=sys.stderr,
             )
             return target / "last.safetensors"
-        raise CLIError(f"--checkpoint: {target} holds no best.safetensors or last.safetensors")
+        raise CommandError(f"--checkpoint: {target} holds no best.safetensors or last.safetensors")
     if not target.exists():
-        raise CLIError(f"--checkpoint: {target} does not exist")
+        raise CommandError(f"--checkpoint: {target} does not exist")
     return target
 
 
@@ -946,11 +907,11 @@ def load_for_inference(args: argparse.Namespace, device: torch.device) -> tuple[
         num_classes = int(meta["num_classes"])
     else:
         if not args.model:
-            raise CLIError(f"{path} has no model metadata (not written by dilateformer train); pass --model NAME")
+            raise CommandError(f"{path} has no model metadata (not written by dilateformer train); pass --model NAME")
         try:
             state = load_checkpoint_file(path, use_ema=getattr(args, "use_ema", False))
         except (ValueError, FileNotFoundError) as error:
-            raise CLIError(str(error).splitlines()[0]) from None
+            raise CommandError(str(error).splitlines()[0]) from None
         head = state.get("head.weight")
         num_classes = int(head.shape[0]) if head is not None else 1000
         name, kwargs = args.model, {}
@@ -1004,12 +965,14 @@ def run_eval(args: argparse.Namespace) -> int:
         split = next((root / n for n in ("val", "validation") if (root / n).is_dir()), root)
         dataset = ImageFolderDataset(split, transform=transform)
     else:
-        raise CLIError("no data: pass --data-dir DIR (ImageFolder, its val/ is used) or --dataset digits")
+        raise CommandError("no data: pass --data-dir DIR (ImageFolder, its val/ is used) or --dataset digits")
     names = info["class_names"]
     if names is not None and list(dataset.classes) != list(names):
-        raise CLIError(f"the dataset's classes {dataset.classes[:5]}... differ from the checkpoint's {names[:5]}...")
+        raise CommandError(
+            f"the dataset's classes {dataset.classes[:5]}... differ from the checkpoint's {names[:5]}..."
+        )
     if len(dataset.classes) != info["num_classes"]:
-        raise CLIError(f"the dataset has {len(dataset.classes)} classes, the model {info['num_classes']}")
+        raise CommandError(f"the dataset has {len(dataset.classes)} classes, the model {info['num_classes']}")
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.batch_size,
@@ -1046,7 +1009,7 @@ def run_predict(args: argparse.Namespace) -> int:
                           ("cpu" if args.device == "auto" else args.device))  # fmt: skip
     for image_path in args.images:
         if not Path(image_path).is_file():
-            raise CLIError(f"image {image_path} does not exist")
+            raise CommandError(f"image {image_path} does not exist")
     model, info = load_for_inference(args, device)
     transform = _eval_transform(info)
     names = _class_names(info)

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from dilateformer.analysis.measure import count_macs, format_table, median_ms, saved_for_backward_bytes
+from dilateformer.errors import CommandError
 from dilateformer.files import atomic_write_json
 from dilateformer.models import global_twin
 from dilateformer.ops.context import default_backend, select_backend
-from dilateformer.train.errors import CLIError
 
 DEMO_MODEL = "dilateformer_nano"
 MSDA_LAYOUT = ("msda", "msda", "global", "global")
@@ -51,7 +51,7 @@ def _parse_sizes(text: str | None, default: list[int]) -> list[int]:
     except ValueError:
         sizes = []
     if not sizes or any(s < 32 for s in sizes):
-        raise CLIError(f"--sizes must be comma-separated integers >= 32, got {text!r}")
+        raise CommandError(f"--sizes must be comma-separated integers >= 32, got {text!r}")
     return sizes
 
 
@@ -148,7 +148,7 @@ def run_demo(args: argparse.Namespace) -> int:
         (output / ".write-test").write_bytes(b"")
         (output / ".write-test").unlink()
     except OSError as error:
-        raise CLIError(f"cannot write to {output} ({error.strerror or error}); choose another --output") from None
+        raise CommandError(f"cannot write to {output} ({error.strerror or error}); choose another --output") from None
 
     def say(text: str = "") -> None:
         print(text, flush=True)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dilateformer.errors import CommandError
 from dilateformer.train.distributed import DistInfo, all_reduce_sum
-from dilateformer.train.errors import CLIError
 
 
 @dataclass
@@ -115,7 +115,9 @@ def train_one_epoch(
             logits = model(images)
             loss = criterion(logits, target)
         if not math.isfinite(loss.item()):
-            raise CLIError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr or add --clip-grad")
+            raise CommandError(
+                f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr or add --clip-grad"
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
