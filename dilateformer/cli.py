@@ -9,6 +9,7 @@ import sys
 # Modules that each define ``register(subparsers)``; a command sets ``func(args) -> int`` on its parser.
 COMMAND_MODULES = (
     "dilateformer.train.commands",
+    "dilateformer.demo",  # after train/eval/predict in --help, where it was before it got its own module
     "dilateformer.analysis.commands",
     "dilateformer.integrations.commands",
     "dilateformer.retrofit.commands",
