@@ -18,6 +18,7 @@ from dilateformer.errors import CommandError, user_message
 # Modules that each define ``register(subparsers)``; a command sets ``func(args) -> int`` on its parser.
 COMMAND_MODULES = (
     "dilateformer.train.commands",
+    "dilateformer.demo",  # after train/eval/predict in --help, where it was before it got its own module
     "dilateformer.analysis.commands",
     "dilateformer.integrations.commands",
     "dilateformer.retrofit.commands",

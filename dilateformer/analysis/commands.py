@@ -351,6 +351,8 @@ def _dilations(text: str) -> tuple[int, ...]:
 
 
 def _run_locality(args: argparse.Namespace) -> int:
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
     from dilateformer.analysis.locality import (
         TABLE_LEGEND,
         images_tensor,
@@ -358,7 +360,6 @@ def _run_locality(args: argparse.Namespace) -> int:
         locality_table,
         measure_locality,
     )
-    from dilateformer.analysis.visualize import IMAGENET_MEAN, IMAGENET_STD
 
     if not 1 <= args.size <= MAX_VISUALIZE_SIZE:
         raise CommandError(f"--size must be 1..{MAX_VISUALIZE_SIZE} pixels, got {args.size}")
@@ -384,7 +385,9 @@ def _run_locality(args: argparse.Namespace) -> int:
 
         model = global_twin(model).eval()
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    images = images_tensor(sources.values(), args.size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+    images = images_tensor(
+        sources.values(), args.size, cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
+    )
     try:
         results = measure_locality(
             model, images, kernel_size=args.kernel_size, dilations=args.dilations, batch_size=args.batch

@@ -19,10 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from dilateformer.analysis.baselines import heads_last_to_channels_first, sdpa_global, unfold_msda
-from dilateformer.analysis.measure import format_table, median_ms, saved_for_backward_bytes
+from dilateformer.analysis.measure import MB, format_table, median_ms, saved_for_backward_bytes, to_mb
 from dilateformer.functional import multi_scale_dilated_attention
-
-MB = 1e6
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ def measure_candidate(fn: Callable, layout: Callable, shape: OpShape, repeats: i
     return {
         "forward_ms": median_ms(forward, repeats=repeats, warmup=1),
         "forward_backward_ms": median_ms(forward_backward, repeats=repeats, warmup=1),
-        "saved_mb": saved_for_backward_bytes(lambda: fn(q, k, v)) / MB,
+        "saved_mb": to_mb(saved_for_backward_bytes(lambda: fn(q, k, v))),
     }
 
 
@@ -125,7 +123,7 @@ def run_op_benchmark(
         measured["byte-floor"] = {
             "forward_ms": 4 * shape.tensor_bytes / bandwidth,
             "forward_backward_ms": 12 * shape.tensor_bytes / bandwidth,
-            "saved_mb": 4 * shape.tensor_bytes / MB,
+            "saved_mb": to_mb(4 * shape.tensor_bytes),
         }
         baseline = measured["unfold (official-style)"]
         for name, row in measured.items():

@@ -18,18 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch, Rectangle
-from matplotlib.ticker import MaxNLocator
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from dilateformer.analysis.capture import CapturedAttention, capture_attention
-from dilateformer.analysis.plots import DPI, save_figure
+from dilateformer.analysis.plots import new_figure, save_figure
 from dilateformer.nn.attention import GlobalAttention, MultiScaleDilatedAttention
 from dilateformer.ops.neighborhood import head_groups, window_table
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Deepest stage stride of DilateFormer (4 * 2**3): inputs resized to a multiple keep every stage's grid exact.
 SIZE_MULTIPLE = 32
 QUERY_STYLE = dict(marker="*", color="red", markersize=14, markeredgecolor="white", ls="none", label="query")
@@ -170,8 +166,8 @@ def prepare_image(image, size: int, model: nn.Module) -> tuple[np.ndarray, torch
     in_h, in_w = model_input_size((image.height, image.width), size)
     resized = np.asarray(image.resize((in_w, in_h), Image.BICUBIC))
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(3, 1, 1)
-    std = torch.tensor(cfg.get("std", IMAGENET_STD)).view(3, 1, 1)
+    mean = torch.tensor(cfg.get("mean", IMAGENET_DEFAULT_MEAN)).view(3, 1, 1)
+    std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD)).view(3, 1, 1)
     x = (torch.from_numpy(resized.copy()).permute(2, 0, 1).float() / 255 - mean) / std
     return resized, x.unsqueeze(0)
 
@@ -238,7 +234,10 @@ def attention_figure(
     Small images (under 100 pixels a side) are drawn with nearest-neighbour upsampling, so their pixels stay
     visible. Returns the matplotlib Figure (closed if it was written to ``output``).
     """
-    import matplotlib.pyplot as plt
+    import matplotlib as mpl
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.ticker import MaxNLocator
 
     layer_name, msda_layer = pick_msda_layer(model, stage, block)
     if isinstance(image, (list, tuple)):
@@ -266,15 +265,8 @@ def attention_figure(
 
     n_groups = len(msda_layer.dilations)
     ncols = n_groups + 2
-    fig, axes = plt.subplots(
-        len(rows),
-        ncols,
-        figsize=(3.3 * ncols + 0.9, 3.3 * len(rows) + 1.6),
-        dpi=DPI,
-        squeeze=False,
-        layout="constrained",
-    )
-    cmap = plt.get_cmap("viridis")
+    fig, axes = new_figure(len(rows), ncols, (3.3 * ncols + 0.9, 3.3 * len(rows) + 1.6))
+    cmap = mpl.colormaps["viridis"]
     geometry = []
     for _, (qy, qx), resized, msda_rec, _, image_hw in rows:
         sy, sx = image_hw[0] / resized.shape[0], image_hw[1] / resized.shape[1]  # model pixels -> original pixels
@@ -325,8 +317,6 @@ def attention_figure(
             ax.set_xlabel("x (pixels)")
             ax.set_ylabel("y (pixels)")
 
-    import matplotlib as mpl
-
     fig.colorbar(
         mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, 100 * vmax), cmap=cmap),
         ax=axes[:, 1 : 1 + n_groups],
@@ -374,6 +364,8 @@ def _run_and_capture(model: nn.Module, name: str, x: torch.Tensor) -> CapturedAt
 def _draw_window(
     ax, window: GroupWindow, image, extent, cell, query, cmap, vmax: float, interpolation: str = "antialiased"
 ) -> None:
+    from matplotlib.patches import Rectangle
+
     cell_h, cell_w = cell
     ax.imshow(image, extent=extent, alpha=0.55, interpolation=interpolation)
     k = len(window.rows)

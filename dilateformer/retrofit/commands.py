@@ -83,12 +83,10 @@ def _load_images(items: list[str], model, limit: int, meta: dict):
 
 def report_figure(report, output: Path) -> Path:
     """GMACs per block before and after, next to each block's in-window attention mass (if measured)."""
-    import matplotlib.pyplot as plt
-
-    from dilateformer.analysis.plots import DPI, save_figure
+    from dilateformer.analysis.plots import new_figure, save_figure
 
     panels = 2 if report.locality is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.4), dpi=DPI, layout="constrained", squeeze=False)
+    fig, axes = new_figure(1, panels, (6.5 * panels, 4.4))
     blocks = list(range(report.depth))
     ax = axes[0][0]
     width = 0.4

@@ -1,4 +1,4 @@
-"""The ``train``, ``eval``, ``predict`` and ``demo`` commands (registered into ``dilateformer.cli``)."""
+"""The ``train``, ``eval`` and ``predict`` commands (registered into ``dilateformer.cli``)."""
 
 from __future__ import annotations
 
@@ -165,7 +165,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_train(subparsers)
     _register_eval(subparsers)
     _register_predict(subparsers)
-    _register_demo(subparsers)
 
 
 def _register_train(subparsers) -> None:
@@ -305,31 +304,6 @@ def _register_predict(subparsers) -> None:
     )
     p.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=run_predict)
-
-
-def _register_demo(subparsers) -> None:
-    p = subparsers.add_parser(
-        "demo",
-        help="offline demo: MSDA vs its global-attention twin on digits, resolution sweep, attention map",
-        description=(
-            "Trains a small DilateFormer (MSDA in the shallow stages) and its global-attention twin on the digits "
-            "dataset, prints accuracy/params/GFLOPs/memory/speed, sweeps the input resolution, and draws an "
-            "attention map on scikit-image's 'chelsea' photo. Offline; a few minutes on 2 CPU cores."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--output", default="output/demo", metavar="DIR", help="where the PNG and JSON go")
-    p.add_argument("--epochs", type=_positive_int, default=None, metavar="N", help="training epochs [8; quick: 1]")
-    p.add_argument("--sizes", default=None, metavar="N,N,...", help="resolution sweep [64,96,128,192,256]")
-    p.add_argument("--quick", action="store_true", help="tiny settings that finish in seconds (tests, smoke checks)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run_demo)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from dilateformer.train.demo import run_demo
-
-    return run_demo(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
