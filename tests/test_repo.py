@@ -35,7 +35,7 @@ def test_ruff_is_clean(command):
 
 def test_layers_point_one_way():
     """files|errors -> ops -> nn -> models -> (train, analysis, integrations, retrofit) -> cli: none imports higher."""
-    order = ["files|errors", "ops", "nn", "models", "train|analysis|integrations|retrofit", "cli"]
+    order = ["files|errors|argtypes", "ops", "nn", "models", "train|analysis|integrations|retrofit", "cli"]
     rank = {name: i for i, names in enumerate(order) for name in names.split("|")}
     package = ROOT / "dilateformer"
     problems = []
