@@ -248,7 +248,11 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None) -> tu
     if isinstance(config.get("aa"), str) and config["aa"].lower() in ("", "none", "off"):
         config["aa"] = None
     from_recipe = [k for k in CONFIG_KEYS if k not in explicit and not (saved and k in saved)]
-    notes = [recipe_name] + [f"{k.replace('_', '-')}={config[k]}" for k in from_recipe if config.get(k) is not None]
+    notes = [recipe_name] + [
+        f"{k.replace('_', '-')}={show(config[k]) if isinstance(config[k], tuple) else config[k]}"
+        for k in from_recipe
+        if config.get(k) is not None
+    ]
     return config, notes
 
 
