@@ -14,15 +14,17 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from dilateformer.errors import CommandError
 from dilateformer.files import atomic_path
-from dilateformer.train.distributed import DistInfo
 from dilateformer.train.recipes import changed_on_resume, resolve_config
+
+if TYPE_CHECKING:  # imported by the commands: the process-group module loads only when a command runs
+    from dilateformer.train.distributed import DistInfo
 
 RESUME_AUTO = "auto"
 DEFAULT_DEVICE = "auto"
