@@ -11,22 +11,13 @@ import re
 import sys
 from pathlib import Path
 
+from dilateformer.argtypes import int_list, positive_float
 from dilateformer.errors import CommandError, one_line
 from dilateformer.files import atomic_write_json
 
 DEFAULT_MODEL = "dilateformer_tiny"
 # Largest visualize --size: the figure and the model input grow with its square; above this a typo is likelier.
 MAX_VISUALIZE_SIZE = 4096
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
 
 
 def _progress(line: str) -> None:
@@ -213,7 +204,7 @@ def _add_profile(subparsers) -> None:
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="MSDA backend (default auto)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument(
-        "--memory-gb", type=_positive_float, help="memory a run may use, > 0 (default 70%% of what is free now)"
+        "--memory-gb", type=positive_float, help="memory a run may use, > 0 (default 70%% of what is free now)"
     )
     p.add_argument(
         "--time-budget",
@@ -340,16 +331,6 @@ def _image_sources(items: list[str] | None) -> dict[str, object]:
     return {str(p): load_image(p) for p in paths}
 
 
-def _dilations(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1 or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"expected distinct positive integers separated by commas, got {text!r}")
-    return values
-
-
 def _run_locality(args: argparse.Namespace) -> int:
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -438,7 +419,9 @@ def _add_locality(subparsers) -> None:
     )
     p.add_argument("--size", type=int, default=224, help="square model input side in pixels (default 224)")
     p.add_argument("--kernel-size", type=int, default=3, help="MSDA window side k (default 3)")
-    p.add_argument("--dilations", type=_dilations, default=(1, 2, 3), help="MSDA dilations (default 1,2,3)")
+    p.add_argument(
+        "--dilations", type=int_list(distinct=True), default=(1, 2, 3), help="MSDA dilations (default 1,2,3)"
+    )
     p.add_argument("--batch", type=int, default=4, help="images per forward (default 4)")
     p.add_argument("--output", default="locality", help="directory for locality.json and locality.png")
     p.set_defaults(func=_run_locality)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dilateformer.analysis.commands import _int_list, _positive_float, _progress
+from dilateformer.analysis.commands import _progress
+from dilateformer.argtypes import int_list, positive_float
 from dilateformer.errors import CommandError
 from dilateformer.files import atomic_write_json
 
@@ -154,13 +155,6 @@ def _blocks(text: str) -> str:
     return text
 
 
-def _dilations(text: str) -> tuple[int, ...]:
-    try:
-        return _int_list(text, "--dilations")
-    except CommandError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "retrofit",
@@ -180,9 +174,9 @@ def register(subparsers) -> None:
         help="images or folders (or 'digits') to measure locality on (needed by --blocks auto)",
     )
     p.add_argument("--num-images", type=int, default=32, help="at most this many --images are measured")
-    p.add_argument("--threshold", type=_positive_float, help="--blocks auto: least in-window attention mass [0.5]")
+    p.add_argument("--threshold", type=positive_float, help="--blocks auto: least in-window attention mass [0.5]")
     p.add_argument("--kernel-size", type=int, default=3, help="odd MSDA window size")
-    p.add_argument("--dilations", type=_dilations, default=(1, 2, 3), help="comma-separated dilation rates")
+    p.add_argument("--dilations", type=int_list(), default=(1, 2, 3), help="comma-separated dilation rates")
     p.add_argument("--border", choices=("zero", "clamp"), default="zero", help="MSDA border convention")
     p.add_argument("--prefix", choices=("global", "keys"), default="global", help="how prefix tokens are treated")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the weights and the report")

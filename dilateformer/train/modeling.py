@@ -96,12 +96,11 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
         raise CommandError(one_line(str(error))) from None
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP and ``torch.compile`` wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+def retrofit(model: nn.Module, blocks: str, settings: dict[str, Any] | None = None) -> nn.Module:
+    """``--retrofit BLOCKS``: those blocks of a timm ViT swapped to MSDA (:func:`dilateformer.retrofit.msda_vit`)."""
+    from dilateformer.retrofit import msda_vit
+
+    try:
+        return msda_vit(model, blocks, **(settings or {}), measure=False)[0]
+    except (TypeError, ValueError) as error:
+        raise CommandError(f"--retrofit {blocks}: {error}") from None
