@@ -195,7 +195,8 @@ class MultiScaleDilatedAttention(_HeadedAttention):
         # A whole module pickled before qkv became a Linear (an Ultralytics .pt file) comes back with the conv.
         conv = self._modules.get("qkv")
         if type(conv) is nn.Conv2d and conv.kernel_size == (1, 1):
-            qkv = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+            # Built on the meta device, so unpickling neither allocates nor draws random numbers for an init.
+            qkv = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None, device="meta")
             qkv.weight = nn.Parameter(conv.weight.detach().flatten(1), requires_grad=conv.weight.requires_grad)
             if conv.bias is not None:
                 qkv.bias = conv.bias

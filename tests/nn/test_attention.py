@@ -218,7 +218,10 @@ def test_old_conv_qkv_weights_load_and_old_pickles_unpickle():
     conv = nn.Conv2d(24, 72, 1).eval()
     conv.load_state_dict({"weight": old_state["qkv.weight"], "bias": old_state["qkv.bias"]})
     old._modules["qkv"] = conv  # the module as an older version pickled it
-    revived = pickle.loads(pickle.dumps(old))
+    payload = pickle.dumps(old)
+    rng = torch.get_rng_state()
+    revived = pickle.loads(payload)
+    assert torch.equal(torch.get_rng_state(), rng)  # unpickling draws nothing from the global generator
     assert type(revived.qkv) is nn.Linear and revived.qkv.weight.shape == (72, 24)
     assert not revived.qkv.training
     with torch.no_grad():
