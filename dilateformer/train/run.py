@@ -354,6 +354,18 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _match_state_shapes(optimizer: torch.optim.Optimizer) -> None:
+    """View per-parameter optimizer state in its parameter's shape where only the shape changed.
+
+    Runs saved before MSDA's qkv became an ``nn.Linear`` hold its moments as ``(3C, C, 1, 1)``; the weights load
+    through the checkpoint filter, and this keeps the moments in step (same values, same order).
+    """
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape != param.shape and value.numel() == param.numel() > 1:
+                state[key] = value.reshape(param.shape)
+
+
 def restore(run: RunLocation, model: torch.nn.Module, opt: Optimization, classes: list[str], info: DistInfo):
     """Load a resumed run's weights, optimizer, scheduler, EMA and RNG states; returns where to go on."""
     from timm.utils import unwrap_model
@@ -364,6 +376,7 @@ def restore(run: RunLocation, model: torch.nn.Module, opt: Optimization, classes
     saved = run.saved
     load_state_into(model, run.weights, source=str(run.last_path))
     opt.optimizer.load_state_dict(saved["optimizer"])
+    _match_state_shapes(opt.optimizer)
     opt.scheduler.load_state_dict(saved["scheduler"])
     if opt.model_ema is not None:
         if saved.get("ema") is None:
@@ -437,7 +450,7 @@ def _wrap_for_training(model: torch.nn.Module, config: dict[str, Any], info: Dis
     train_model = model
     if info.distributed:
         # Gradients as views into the buckets: no copy per step, and no stride-mismatch warning for the
-        # parameters whose layout differs from the bucket's (the qkv 1x1 convs).
+        # parameters whose layout differs from the bucket's (the depthwise convs).
         match_depthwise_grad_layout(model)
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None, gradient_as_bucket_view=True
