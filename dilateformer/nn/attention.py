@@ -84,7 +84,7 @@ class _HeadedAttention(nn.Module):
         self,
         dim: int,
         num_heads: int,
-        qkv: nn.Module,
+        qkv_bias: bool,
         qk_scale: float | None,
         attn_drop: float,
         proj_drop: float,
@@ -96,7 +96,9 @@ class _HeadedAttention(nn.Module):
         self.dim, self.num_heads = dim, num_heads
         self.layout = check_layout(layout)
         self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
-        self.qkv = qkv
+        # C -> 3C, output channels ordered [q | k | v][head][head_dim]; called as a module so hooks, LoRA and
+        # quantization wrappers see it.
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -163,9 +165,7 @@ class MultiScaleDilatedAttention(_HeadedAttention):
         dtype: torch.dtype | None = None,
     ) -> None:
         dd = {"device": device, "dtype": dtype}
-        check_dim_heads(dim, num_heads)
-        qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
-        super().__init__(dim, num_heads, qkv, qk_scale, attn_drop, proj_drop, layout, dd)
+        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, layout, dd)
         self.kernel_size = check_kernel_size(kernel_size)
         self.dilations = check_dilations(dilations)
         self._op_dilations = list(self.dilations)  # the op's int[] argument, for graph mode
@@ -278,9 +278,7 @@ class GlobalAttention(_HeadedAttention):
         dtype: torch.dtype | None = None,
     ) -> None:
         dd = {"device": device, "dtype": dtype}
-        check_dim_heads(dim, num_heads)
-        qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
-        super().__init__(dim, num_heads, qkv, qk_scale, attn_drop, proj_drop, layout, dd)
+        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, layout, dd)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, layout={self.layout!r}"
