@@ -162,11 +162,11 @@ ALWAYS_INLINE void block_weighted_sums(const problem_t *p, float *dst, int64_t d
 /* Asks for the block's q one image row later and its k and v `ahead` rows beyond that: the rows the sweep will
  * first read on the next row. */
 ALWAYS_INLINE void block_prefetch(const problem_t *p, const float *q, const float *k, const float *v, int64_t r,
-                                  int64_t x0, int64_t count, int64_t ahead, int64_t part, int64_t parts) {
+                                  int64_t x0, int64_t count, int64_t ahead) {
     const int64_t next = (r + 1) * p->width + x0, limit = p->batch * p->height * p->width;
-    FN(prefetch_pixels_part)(q, p->q_stride, next, count, limit, part, parts);
-    FN(prefetch_pixels_part)(k, p->k_stride, next + ahead * p->width, count, limit, part, parts);
-    FN(prefetch_pixels_part)(v, p->v_stride, next + ahead * p->width, count, limit, part, parts);
+    FN(prefetch_pixels)(q, p->q_stride, next, count, limit);
+    FN(prefetch_pixels)(k, p->k_stride, next + ahead * p->width, count, limit);
+    FN(prefetch_pixels)(v, p->v_stride, next + ahead * p->width, count, limit);
 }
 
 ALWAYS_INLINE void blocks_forward_rows(const problem_t *p, const float *q, const float *k, const float *v, float *out,
@@ -183,10 +183,10 @@ ALWAYS_INLINE void blocks_forward_rows(const problem_t *p, const float *q, const
         const int64_t b = r / p->height, y = r % p->height;
         for (int64_t x0 = 0; x0 < p->width; x0 += BLOCK_LANES) {
             const int64_t count = p->width - x0 < BLOCK_LANES ? p->width - x0 : BLOCK_LANES;
+            block_prefetch(p, q, k, v, r, x0, count, ahead);
             for (int64_t g = 0; g < p->groups; g++) {
                 block_window(p, b, y, x0, count, g, k, p->k_stride, k_at, v, p->v_stride, v_at, zeros, bias);
                 for (int64_t h = g * per_group; h < (g + 1) * per_group; h++) {
-                    block_prefetch(p, q, k, v, r, x0, count, ahead, h, p->heads);
                     block_products(p, q, p->q_stride, k_at, r, x0, count, h, zeros, logit, window, hd);
                     __m256 top = _mm256_set1_ps(-INFINITY), total = _mm256_setzero_ps();
                     for (int64_t s = 0; s < window; s++) {
@@ -228,12 +228,11 @@ ALWAYS_INLINE void blocks_backward_query_rows(const problem_t *p, const float *g
         const int64_t b = r / p->height, y = r % p->height, row_probs = FN(prob_row)(p, r);
         for (int64_t x0 = 0; x0 < p->width; x0 += BLOCK_LANES) {
             const int64_t count = p->width - x0 < BLOCK_LANES ? p->width - x0 : BLOCK_LANES;
+            block_prefetch(p, q, k, v, r, x0, count, ahead);
+            FN(prefetch_pixels)(grad_out, row_pixels, (r + 1) * p->width + x0, count, p->batch * p->height * p->width);
             for (int64_t g = 0; g < p->groups; g++) {
                 block_window(p, b, y, x0, count, g, k, p->k_stride, k_at, v, p->v_stride, v_at, zeros, bias);
                 for (int64_t h = g * per_group; h < (g + 1) * per_group; h++) {
-                    block_prefetch(p, q, k, v, r, x0, count, ahead, h, p->heads);
-                    FN(prefetch_pixels_part)(grad_out, row_pixels, (r + 1) * p->width + x0, count,
-                                             p->batch * p->height * p->width, h, p->heads);
                     block_products(p, q, p->q_stride, k_at, r, x0, count, h, zeros, logit, window, hd);
                     block_products(p, grad_out, row_pixels, v_at, r, x0, count, h, zeros, dprob, window, hd);
                     for (int64_t j = 0; j < BLOCK_LANES; j++)

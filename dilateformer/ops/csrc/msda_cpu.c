@@ -114,18 +114,6 @@ ALWAYS_INLINE void FN(prefetch_pixels)(const SCALAR *base, int64_t stride, int64
     for (const char *line = first; line < last; line += 64) __builtin_prefetch(line, 0, 2);
 }
 
-/* Part `part` of `parts` of prefetch_pixels' lines. A block asks for about a hundred lines; issued in one burst
- * they fill the core's line fill buffers and stall it until memory answers, so the kernels spread them over the
- * block's work. */
-ALWAYS_INLINE void FN(prefetch_pixels_part)(const SCALAR *base, int64_t stride, int64_t start, int64_t count,
-                                            int64_t limit, int64_t part, int64_t parts) {
-    if (start < 0 || start + count > limit) return;
-    const int64_t bytes = count * stride * (int64_t)sizeof(SCALAR), lines = (bytes + 63) / 64;
-    const char *first = (const char *)(base + start * stride);
-    for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; line++)
-        __builtin_prefetch(first + 64 * line, 0, 2);
-}
-
 /* Offset of query row r = b * H + y in probs / dlogits, which hold (heads, k*k, W) per row. */
 ALWAYS_INLINE int64_t FN(prob_row)(const problem_t *p, int64_t r) {
     return (r % p->prob_rows) * p->heads * p->kernel_size * p->kernel_size * p->width;
@@ -248,11 +236,13 @@ ALWAYS_INLINE void FN(backward_zero_key_rows)(const problem_t *p, const SCALAR *
             }
         }
         for (int64_t x = 0; x < width; x++) {
-            const int64_t next = (r + 1 + ahead) * width + x;
+            if (x % 8 == 0) {
+                const int64_t next = (r + 1 + ahead) * width + x, count = width - x < 8 ? width - x : 8;
+                FN(prefetch_pixels)(q, p->q_stride, next, count, limit);
+                FN(prefetch_pixels)(grad_out, row_pixels, next, count, limit);
+            }
             for (int64_t h = 0; h < p->heads; h++) {
                 const int64_t g = h / per_group, dilation = p->dilations[g];
-                FN(prefetch_pixels_part)(q, p->q_stride, next, 1, limit, h, p->heads);
-                FN(prefetch_pixels_part)(grad_out, row_pixels, next, 1, limit, h, p->heads);
                 SCALAR dk[hd], dv[hd];
                 for (int64_t i = 0; i < hd; i++) dk[i] = dv[i] = 0;
                 for (int64_t a = 0; a < ks; a++) {
