@@ -2,6 +2,7 @@
 
     python benchmarks/bench_msda.py            # full run: standard shapes, 32..512 sweep, first-call latency
     python benchmarks/bench_msda.py --quick    # fewer repeats, smaller sweep, no latency subprocesses
+    python benchmarks/bench_msda.py --floor    # native only, against the addcmul floor: stage 1, 256, 512 (~1 min)
 
 Prints medians; speed-ups are ratios against the unfold baseline measured in the same run.
 """
@@ -21,8 +22,10 @@ import torch
 from dilateformer.analysis.measure import format_table
 from dilateformer.analysis.op_bench import (
     STANDARD_SHAPES,
+    format_floor_rows,
     format_op_rows,
     format_sweep_rows,
+    run_floor_ratios,
     run_op_benchmark,
     run_scaling_sweep,
 )
@@ -58,18 +61,37 @@ def first_call_latency(backend: str, cold: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes, no latency runs")
+    parser.add_argument("--floor", action="store_true", help="only the native backend against the addcmul floor")
+    parser.add_argument("--repeats", type=_positive, help="timed rounds per measurement (default 10, 3 with --quick)")
     parser.add_argument("--json", help="also write all rows to this JSON file")
     args = parser.parse_args()
-    repeats = 3 if args.quick else 10
+    repeats = args.repeats or (3 if args.quick else 10)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU", flush=True)
 
     def progress(message: str) -> None:
         print(f"  .. {message}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
+    if args.floor:
+        floor = run_floor_ratios(repeats=repeats, progress=progress)
+        print("\nnative vs the addcmul floor (reads 3 tensors, writes 1), interleaved rounds; fwd+bwd through")
+        print("autograd.grad with a fixed upstream gradient; growth = fwd+bwd ms / that of the row above")
+        print(format_floor_rows(floor), flush=True)
+        print(f"\nwall time {time.perf_counter() - started:.0f} s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"floor": floor}, f, indent=1)
+        return
     rows = run_op_benchmark(STANDARD_SHAPES, repeats=repeats, progress=progress)
     print("\nMSDA op, kernel 3, dilations (1, 2, 3); x = speed-up over unfold; saved/qkvo = MB saved / (q+k+v+out)")
     print(format_op_rows(rows), flush=True)

@@ -16,7 +16,7 @@ import argparse
 import timm
 import torch
 
-from dilateformer.analysis.measure import count_macs, format_table, interleaved_median_ms, saved_for_backward_bytes
+from dilateformer.analysis.measure import format_table, gmacs, interleaved_median_ms, saved_for_backward_bytes, to_mb
 from dilateformer.retrofit import msda_vit
 
 # (label, retrofit prefix or None, timm's fused SDPA attention in the global blocks)
@@ -45,11 +45,11 @@ def _models(name: str, size: int) -> list[torch.nn.Module]:
 def measure(name: str, size: int, batch: int, repeats: int) -> list[list[object]]:
     models = _models(name, size)
     x = torch.randn(batch, 3, size, size)
-    macs = [count_macs(m, x[:1], on_meta=True) / 1e9 for m in models]
+    macs = [gmacs(m, x[:1], on_meta=True) for m in models]
     saved = []
     for model in models:
         model.train()
-        saved.append(saved_for_backward_bytes(lambda m=model: m(x)) / 1e6)
+        saved.append(to_mb(saved_for_backward_bytes(lambda m=model: m(x))))
 
     def forward(m):
         m.eval()

@@ -31,7 +31,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from dilateformer.analysis.measure import count_macs, format_table, median_ms, saved_for_backward_bytes  # noqa: E402
+from dilateformer.analysis.measure import format_table, gmacs, median_ms, saved_for_backward_bytes, to_mb  # noqa: E402
 
 # (row label, model YAML, MSDA backend or None for the run's own, force the math SDPA kernel)
 MODELS = [
@@ -53,13 +53,13 @@ def measure(cfg: str, x: torch.Tensor, repeats: int) -> list[object]:
 
     model = DetectionModel(cfg, verbose=False).to(x.device)
     params = sum(p.numel() for p in model.parameters())
-    gmacs = count_macs(model, x) / 1e9
+    compute = gmacs(model, x)
     model.train()
-    saved = saved_for_backward_bytes(lambda: model(x)) / 2**20
+    saved = to_mb(saved_for_backward_bytes(lambda: model(x)))
     model.eval()
     with torch.no_grad():
         ms = median_ms(lambda: model(x), repeats=repeats, warmup=2, device=x.device)
-    return [params, gmacs, saved, ms]
+    return [params, compute, saved, ms]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -101,6 +101,8 @@ class Check:
         """Peak memory above what was allocated before ``fn()``, in MB (None on CPU)."""
         import torch
 
+        from dilateformer.analysis.measure import to_mb
+
         if self.device.type != "cuda":
             fn()
             return None
@@ -109,7 +111,7 @@ class Check:
         torch.cuda.reset_peak_memory_stats()
         fn()
         self.sync()
-        return (torch.cuda.max_memory_allocated() - before) / 1e6
+        return to_mb(torch.cuda.max_memory_allocated() - before)
 
     def op_shapes(self):
         if self.dry:

@@ -1,14 +1,24 @@
-"""The ``dilateformer`` command line. Argument parsing only: each command's work lives in the package."""
+"""The ``dilateformer`` command line: builds the parser from each command module and runs the chosen command.
+
+This is the one place that turns a user's mistake into one line on stderr and exit status 2: a
+:class:`~dilateformer.errors.CommandError` from command code, a ``ValueError``/``TypeError`` from a library
+function's argument check, or an ``OSError`` (a missing file, a full disk). Set ``DILATEFORMER_TRACEBACK=1`` to
+see the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from dilateformer.errors import CommandError, user_message
 
 # Modules that each define ``register(subparsers)``; a command sets ``func(args) -> int`` on its parser.
 COMMAND_MODULES = (
     "dilateformer.train.commands",
+    "dilateformer.demo",  # after train/eval/predict in --help, where it was before it got its own module
     "dilateformer.analysis.commands",
     "dilateformer.integrations.commands",
     "dilateformer.retrofit.commands",
@@ -45,7 +55,43 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``args.func(args)``, with the errors a user can fix reported as one line (exit 2) instead of a traceback."""
+    show_traceback = os.environ.get("DILATEFORMER_TRACEBACK", "") not in ("", "0")
+    try:
+        return int(args.func(args) or 0)
+    except (CommandError, ValueError, TypeError, OSError) as error:
+        if show_traceback:
+            raise
+        print(f"dilateformer {args.command}: error: {user_message(error)}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dilateformer {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except RuntimeError as error:
+        rank = _failed_peer(error)
+        if rank is None or show_traceback:
+            raise
+        # Another rank stopped (its one-line error is above); gloo's traceback here would only bury it.
+        print(
+            f"dilateformer {args.command}: error: rank {rank} stopped because another process failed "
+            "(the connection to it closed); see that process's error above",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
+    finally:
+        distributed = sys.modules.get("dilateformer.train.distributed")
+        if distributed is not None:  # only a command that started a process group can have one to close
+            distributed.cleanup()
+
+
+def _failed_peer(error: RuntimeError) -> int | None:
+    distributed = sys.modules.get("dilateformer.train.distributed")
+    return None if distributed is None else distributed.peer_failed(error)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""Every ``dilateformer`` command answers ``--help``, through the console front and ``python -m``."""
+"""Every ``dilateformer`` command answers ``--help`` (console and ``python -m``); one guard reports user errors."""
 
 from __future__ import annotations
 
+import argparse
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from dilateformer.cli import build_parser, main
+from dilateformer.cli import build_parser, main, run_command
+from dilateformer.errors import CommandError
 
 TRAIN_COMMANDS = ("train", "eval", "predict", "demo")
 # The timm train.py flag names the issue promises.
@@ -51,3 +55,53 @@ def test_python_dash_m_and_top_level_help() -> None:
     assert done.returncode == 0
     for command in TRAIN_COMMANDS:
         assert command in done.stdout
+
+
+def _namespace(command: str, raised: BaseException) -> argparse.Namespace:
+    def func(_: argparse.Namespace) -> int:
+        raise raised
+
+    return argparse.Namespace(command=command, func=func)
+
+
+@pytest.mark.parametrize(
+    "raised, expected",
+    [
+        (CommandError("--checkpoint x does not exist"), "--checkpoint x does not exist"),
+        (ValueError("kernel_size must be odd, got 4"), "kernel_size must be odd, got 4"),
+        (TypeError("q must be a tensor"), "q must be a tensor"),
+        (FileNotFoundError(2, "No such file or directory", "/no/such"), "/no/such"),
+        (ValueError("keys that do not fit:\n  a.weight\n  b.bias"), "keys that do not fit: a.weight; b.bias"),
+    ],
+)
+def test_one_guard_turns_user_errors_into_one_line(capsys, monkeypatch, raised, expected) -> None:
+    monkeypatch.delenv("DILATEFORMER_TRACEBACK", raising=False)
+    assert run_command(_namespace("eval", raised)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dilateformer eval: error: ") and expected in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_guard_shows_the_traceback_on_request_and_lets_bugs_through(monkeypatch) -> None:
+    monkeypatch.setenv("DILATEFORMER_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="odd"):
+        run_command(_namespace("train", ValueError("kernel_size must be odd")))
+    monkeypatch.delenv("DILATEFORMER_TRACEBACK")
+    with pytest.raises(ZeroDivisionError):  # not a user error: keeps its traceback
+        run_command(_namespace("train", ZeroDivisionError("bug")))
+
+
+def test_interrupt_exits_130(capsys) -> None:
+    assert run_command(_namespace("train", KeyboardInterrupt())) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_no_command_module_defines_its_own_guard_or_error_type() -> None:
+    package = Path(__file__).resolve().parents[1] / "dilateformer"
+    offenders = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if path.name != "errors.py"
+        and re.search(r"^\s*(def _guarded|class \w+Error\(Exception\))", path.read_text(), re.M)
+    ]
+    assert not offenders

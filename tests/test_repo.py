@@ -34,8 +34,8 @@ def test_ruff_is_clean(command):
 
 
 def test_layers_point_one_way():
-    """files -> ops -> nn -> models -> (train, analysis, integrations, retrofit) -> cli: no layer imports a higher."""
-    order = ["files", "ops", "nn", "models", "train|analysis|integrations|retrofit", "cli"]
+    """files|errors|argtypes -> ops -> nn -> models -> (train, analysis, ...) -> demo -> cli: none imports higher."""
+    order = ["files|errors|argtypes", "ops", "nn", "models", "train|analysis|integrations|retrofit", "demo", "cli"]
     rank = {name: i for i, names in enumerate(order) for name in names.split("|")}
     package = ROOT / "dilateformer"
     problems = []

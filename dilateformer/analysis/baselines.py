@@ -5,8 +5,9 @@
 - :func:`sdpa_global`: global attention over all H*W tokens through ``F.scaled_dot_product_attention``.
 - :class:`OfficialStyleDilateFormer`: the official architecture as its code runs it, made trainable: NCHW
   activations between blocks, a 1x1-conv qkv feeding :func:`unfold_msda`, explicit softmax attention in the
-  global stages and a plain MLP. Its parameters carry this project's names, so
-  ``baseline.load_state_dict(model.state_dict())`` gives the same network for a like-for-like comparison.
+  global stages and a plain MLP. Its parameters carry this project's names (only the MSDA qkv weight is shaped
+  as the conv's ``(3C, C, 1, 1)``), so :func:`official_style_twin` gives the same network for a like-for-like
+  comparison.
 """
 
 from __future__ import annotations
@@ -239,5 +240,11 @@ def official_style_twin(model: nn.Module) -> OfficialStyleDilateFormer:
         kernel_size=msda[0].kernel_size if msda else 3,
         dilations=msda[0].dilations if msda else (1, 2, 3),
     )
-    twin.load_state_dict(model.state_dict())
+    # The official qkv conv's weight is this project's qkv Linear weight with two trailing singleton axes.
+    shapes = {k: v.shape for k, v in twin.state_dict().items()}
+    state = {
+        k: v.view(shapes[k]) if k.endswith("attn.qkv.weight") and k in shapes else v
+        for k, v in model.state_dict().items()
+    }
+    twin.load_state_dict(state)
     return twin.to(next(model.parameters()).device)

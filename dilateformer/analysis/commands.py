@@ -9,41 +9,15 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from dilateformer.argtypes import int_list, positive_float
+from dilateformer.errors import CommandError, one_line
 from dilateformer.files import atomic_write_json
 
 DEFAULT_MODEL = "dilateformer_tiny"
 # Largest visualize --size: the figure and the model input grow with its square; above this a typo is likelier.
 MAX_VISUALIZE_SIZE = 4096
-
-
-class CommandError(Exception):
-    """A failure to report as one line."""
-
-
-def _guarded(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def func(args: argparse.Namespace) -> int:
-        from dilateformer.analysis.visualize import InputError
-
-        try:
-            return run(args)
-        except (InputError, CommandError, FileNotFoundError) as error:
-            print(f"dilateformer {name}: error: {error}", file=sys.stderr)
-            return 2
-
-    return func
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
 
 
 def _progress(line: str) -> None:
@@ -63,7 +37,6 @@ def _create_model(name: str, checkpoint: str | None, *, any_timm: bool = False, 
     other_timm = any_timm and not name.startswith("dilateformer")
     if other_timm:
         from dilateformer.models import create_model
-        from dilateformer.train.modeling import one_line
 
         try:
             model = create_model(name, **{"num_classes": 1000, **kwargs})
@@ -92,8 +65,6 @@ def _create_model(name: str, checkpoint: str | None, *, any_timm: bool = False, 
             else:
                 load_into(model, load_checkpoint_file(checkpoint), source=checkpoint)
         except (ValueError, RuntimeError) as error:
-            from dilateformer.train.modeling import one_line
-
             raise CommandError(f"--checkpoint {checkpoint}: {one_line(str(error))}") from error
     return model.eval()
 
@@ -170,7 +141,7 @@ def _add_visualize(subparsers) -> None:
     )
     # "--query -1,-1" is a (bad) value to report, not an unknown flag.
     p._negative_number_matcher = re.compile(r"^-\d[\d.,\-]*$")
-    p.set_defaults(func=_guarded("visualize", _run_visualize))
+    p.set_defaults(func=_run_visualize)
 
 
 # --------------------------------------------------------------------------------------------------- profile
@@ -178,11 +149,10 @@ def _add_visualize(subparsers) -> None:
 
 def _run_profile(args: argparse.Namespace) -> int:
     from dilateformer.analysis.profile import parse_sizes, profile_figure, profile_models, profile_table
-    from dilateformer.analysis.visualize import InputError
 
     sizes = parse_sizes(args.sizes)
     if args.batch < 1 or args.repeats < 1:
-        raise InputError(f"--batch and --repeats must be positive ints, got {args.batch} and {args.repeats}")
+        raise ValueError(f"--batch and --repeats must be positive ints, got {args.batch} and {args.repeats}")
     context = _backend_context(args.backend)
     with context:
         rows = profile_models(
@@ -234,7 +204,7 @@ def _add_profile(subparsers) -> None:
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="MSDA backend (default auto)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument(
-        "--memory-gb", type=_positive_float, help="memory a run may use, > 0 (default 70%% of what is free now)"
+        "--memory-gb", type=positive_float, help="memory a run may use, > 0 (default 70%% of what is free now)"
     )
     p.add_argument(
         "--time-budget",
@@ -244,7 +214,7 @@ def _add_profile(subparsers) -> None:
     )
     p.add_argument("--json", default="profile.json", help="JSON output (default profile.json)")
     p.add_argument("--plot", default="profile.png", help="PNG output (default profile.png)")
-    p.set_defaults(func=_guarded("profile", _run_profile))
+    p.set_defaults(func=_run_profile)
 
 
 # ------------------------------------------------------------------------------------------------- benchmark
@@ -333,7 +303,7 @@ def _add_benchmark(subparsers) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip whole-model torch.compile inference")
     p.add_argument("--json", default="benchmark.json", help="JSON output (default benchmark.json)")
     p.add_argument("--plot", default="benchmark.png", help="PNG output (default benchmark.png)")
-    p.set_defaults(func=_guarded("benchmark", _run_benchmark))
+    p.set_defaults(func=_run_benchmark)
 
 
 # -------------------------------------------------------------------------------------------------- locality
@@ -361,17 +331,9 @@ def _image_sources(items: list[str] | None) -> dict[str, object]:
     return {str(p): load_image(p) for p in paths}
 
 
-def _dilations(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1 or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"expected distinct positive integers separated by commas, got {text!r}")
-    return values
-
-
 def _run_locality(args: argparse.Namespace) -> int:
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
     from dilateformer.analysis.locality import (
         TABLE_LEGEND,
         images_tensor,
@@ -379,7 +341,6 @@ def _run_locality(args: argparse.Namespace) -> int:
         locality_table,
         measure_locality,
     )
-    from dilateformer.analysis.visualize import IMAGENET_MEAN, IMAGENET_STD
 
     if not 1 <= args.size <= MAX_VISUALIZE_SIZE:
         raise CommandError(f"--size must be 1..{MAX_VISUALIZE_SIZE} pixels, got {args.size}")
@@ -388,13 +349,9 @@ def _run_locality(args: argparse.Namespace) -> int:
     if args.twin and not args.model.startswith("dilateformer"):
         raise CommandError(f"--twin needs a DilateFormer model, got {args.model}")
     sources = _image_sources(args.images)  # fail on the images before building any model
-    from dilateformer.train.errors import CLIError
     from dilateformer.train.modeling import parse_model_kwargs
 
-    try:
-        kwargs = parse_model_kwargs(args.model_kwargs)
-    except CLIError as error:
-        raise CommandError(str(error)) from None
+    kwargs = parse_model_kwargs(args.model_kwargs)
     model = None
     if not args.model.startswith("dilateformer") and "dynamic_img_size" not in kwargs:
         try:  # a ViT then takes any --size, with the checkpoint's position embeddings
@@ -409,7 +366,9 @@ def _run_locality(args: argparse.Namespace) -> int:
 
         model = global_twin(model).eval()
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    images = images_tensor(sources.values(), args.size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+    images = images_tensor(
+        sources.values(), args.size, cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
+    )
     try:
         results = measure_locality(
             model, images, kernel_size=args.kernel_size, dilations=args.dilations, batch_size=args.batch
@@ -460,10 +419,12 @@ def _add_locality(subparsers) -> None:
     )
     p.add_argument("--size", type=int, default=224, help="square model input side in pixels (default 224)")
     p.add_argument("--kernel-size", type=int, default=3, help="MSDA window side k (default 3)")
-    p.add_argument("--dilations", type=_dilations, default=(1, 2, 3), help="MSDA dilations (default 1,2,3)")
+    p.add_argument(
+        "--dilations", type=int_list(distinct=True), default=(1, 2, 3), help="MSDA dilations (default 1,2,3)"
+    )
     p.add_argument("--batch", type=int, default=4, help="images per forward (default 4)")
     p.add_argument("--output", default="locality", help="directory for locality.json and locality.png")
-    p.set_defaults(func=_guarded("locality", _run_locality))
+    p.set_defaults(func=_run_locality)
 
 
 def register(subparsers) -> None:

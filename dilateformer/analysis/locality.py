@@ -523,15 +523,15 @@ def locality_figure(
     results: Sequence[LayerLocality], output: str | Path, title: str = "How local is attention?"
 ) -> Path:
     """Per-layer plot: distance against uniform's, window shares against chance, entropy and prefix share."""
-    import matplotlib.pyplot as plt
+    import matplotlib as mpl
 
-    from dilateformer.analysis.plots import DPI, save_figure
+    from dilateformer.analysis.plots import new_figure, save_figure
 
     if not results:
         raise ValueError("results: nothing to plot")
     x = list(range(len(results)))
     names = [r.name for r in results]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5.2), dpi=DPI, layout="constrained")
+    fig, (axes,) = new_figure(1, 3, (16, 5.2))
     ax = axes[0]
     ax.plot(x, [r.mean_distance_px for r in results], "o-", label="attention")
     ax.plot(x, [r.uniform_distance_px for r in results], "s--", color="grey", label="uniform attention")
@@ -540,7 +540,7 @@ def locality_figure(
     ax.set_ylim(0, 1.1 * top if top > 0 else 1.0)
     ax.set_title("distance from the query", pad=4)
     ax = axes[1]
-    colours = plt.get_cmap("tab10")
+    colours = mpl.colormaps["tab10"]
     for i, d in enumerate(results[0].window_share):
         ax.plot(x, [r.window_share[d] for r in results], "o-", color=colours(i), label=f"window d={d}")
         ax.plot(x, [r.uniform_window_share[d] for r in results], ":", color=colours(i), label=f"chance d={d}")

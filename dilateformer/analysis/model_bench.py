@@ -23,7 +23,7 @@ from torch import nn
 
 from dilateformer.analysis.baselines import compile_official_style, official_style_twin
 from dilateformer.analysis.breakdown import category_totals, record_ops, sgemm_step, time_ops
-from dilateformer.analysis.measure import count_macs, format_table, interleaved_median_ms, saved_for_backward_bytes
+from dilateformer.analysis.measure import format_table, gmacs, interleaved_median_ms, saved_for_backward_bytes, to_mb
 from dilateformer.functional import use_backend
 from dilateformer.models import create_dilateformer, global_twin
 from dilateformer.ops.context import select_backend
@@ -67,9 +67,9 @@ _ATTENTION_LABELS = {
 
 
 def _gmacs(name: str, attention: str, img_size: int) -> float:
-    """GMACs of one image (:func:`~dilateformer.analysis.measure.count_macs`); on the meta device, so instant."""
+    """GMACs of one image (:func:`~dilateformer.analysis.measure.gmacs`); on the meta device, so instant."""
     model = _build(name, attention, device="meta")
-    return count_macs(model, torch.empty(1, model.in_chans, img_size, img_size, device="meta")) / 1e9
+    return gmacs(model, torch.empty(1, model.in_chans, img_size, img_size, device="meta"))
 
 
 def run_model_benchmark(
@@ -218,7 +218,7 @@ class _Subject:
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
         with use_backend(self.backend):
-            return saved_for_backward_bytes(lambda: self.model(self.x)) / 1e6
+            return to_mb(saved_for_backward_bytes(lambda: self.model(self.x)))
 
 
 def _measure_interleaved(

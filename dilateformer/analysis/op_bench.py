@@ -8,6 +8,11 @@ Baselines:
 - ``byte-floor``: the time to move q, k, v and out once (forward) and the twelve tensors of forward plus backward
   once, at the copy bandwidth measured in the same run; its saved-memory column is q+k+v+out, the bound MSDA's
   fused backends are held to.
+
+``run_floor_ratios`` holds one backend to a floor measured in the same interleaved rounds: ``torch.addcmul(q, k, v)``
+reads three tensors of the op's size and writes a fresh one, as MSDA's forward must at least; its backward at
+least reads three (grad_out, plus q, k, v, or what it saved) and writes three, so forward+backward is held to three
+such floors.
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ from dataclasses import dataclass
 import torch
 
 from dilateformer.analysis.baselines import heads_last_to_channels_first, sdpa_global, unfold_msda
-from dilateformer.analysis.measure import format_table, median_ms, saved_for_backward_bytes
+from dilateformer.analysis.measure import (
+    MB,
+    format_table,
+    interleaved_median_ms,
+    median_ms,
+    saved_for_backward_bytes,
+    to_mb,
+)
 from dilateformer.functional import multi_scale_dilated_attention
-
-MB = 1e6
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,7 @@ def measure_candidate(fn: Callable, layout: Callable, shape: OpShape, repeats: i
     return {
         "forward_ms": median_ms(forward, repeats=repeats, warmup=1),
         "forward_backward_ms": median_ms(forward_backward, repeats=repeats, warmup=1),
-        "saved_mb": saved_for_backward_bytes(lambda: fn(q, k, v)) / MB,
+        "saved_mb": to_mb(saved_for_backward_bytes(lambda: fn(q, k, v))),
     }
 
 
@@ -125,7 +135,7 @@ def run_op_benchmark(
         measured["byte-floor"] = {
             "forward_ms": 4 * shape.tensor_bytes / bandwidth,
             "forward_backward_ms": 12 * shape.tensor_bytes / bandwidth,
-            "saved_mb": 4 * shape.tensor_bytes / MB,
+            "saved_mb": to_mb(4 * shape.tensor_bytes),
         }
         baseline = measured["unfold (official-style)"]
         for name, row in measured.items():
@@ -186,4 +196,79 @@ def format_op_rows(rows: list[dict]) -> str:
 def format_sweep_rows(rows: list[dict]) -> str:
     headers = ["size", "tokens", "impl", "fwd ms", "fwd+bwd ms", "saved MB"]
     body = [[r["size"], r["tokens"], r["impl"], r["forward_ms"], r["forward_backward_ms"], r["saved_mb"]] for r in rows]
+    return format_table(headers, body)
+
+
+FLOOR_SHAPES = (
+    OpShape("stage1 B8 56x56 3x24", 8, 56, 56, 3),
+    OpShape("B1 256x256 3x24", 1, 256, 256, 3),
+    OpShape("B1 512x512 3x24", 1, 512, 512, 3),
+)
+
+
+def _floor_rounds(shape: OpShape, backend: str, repeats: int) -> list[float]:
+    """Interleaved medians of the addcmul floor, the forward and the forward+backward (see run_floor_ratios)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape.qkv_shape, generator=generator).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(shape.qkv_shape, generator=generator)
+    plain = [t.detach() for t in (q, k, v)]
+    options = dict(kernel_size=shape.kernel_size, dilations=shape.dilations, backend=backend)
+
+    def forward():
+        with torch.no_grad():
+            multi_scale_dilated_attention(q, k, v, **options)
+
+    def forward_backward():
+        out = multi_scale_dilated_attention(q, k, v, **options)
+        torch.autograd.grad(out, (q, k, v), grad_out)
+
+    return interleaved_median_ms([lambda: torch.addcmul(*plain), forward, forward_backward], repeats=repeats, warmup=2)
+
+
+def run_floor_ratios(
+    shapes: tuple[OpShape, ...] = FLOOR_SHAPES,
+    backend: str = "native",
+    repeats: int = 10,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Per shape, ms of the addcmul floor, of ``backend``'s forward and of its forward+backward through
+    ``torch.autograd.grad`` with a fixed upstream gradient (no ``ones_like``, no ``.grad`` accumulation), all three
+    timed in interleaved rounds, and their ratios: forward / floor, forward+backward / (3 floors). ``growth`` is
+    forward+backward ms over that of the previous shape, for sweeps of growing images."""
+    rows: list[dict] = []
+    for shape in shapes:
+        if progress:
+            progress(f"floor ratios: {shape.name}")
+        floor, fwd, fwd_bwd = _floor_rounds(shape, backend, repeats)
+        rows.append(
+            {
+                "shape": shape.name,
+                "pixels": shape.batch * shape.height * shape.width,
+                "floor_ms": floor,
+                "forward_ms": fwd,
+                "forward_backward_ms": fwd_bwd,
+                "forward_vs_floor": fwd / floor,
+                "forward_backward_vs_3_floors": fwd_bwd / (3 * floor),
+                "growth": fwd_bwd / rows[-1]["forward_backward_ms"] if rows else float("nan"),
+                "pixel_growth": shape.batch * shape.height * shape.width / rows[-1]["pixels"] if rows else float("nan"),
+            }
+        )
+    return rows
+
+
+def format_floor_rows(rows: list[dict]) -> str:
+    headers = ["shape", "floor ms", "fwd ms", "fwd/floor", "fwd+bwd ms", "fwd+bwd/3 floors", "growth", "pixels x"]
+    body = [
+        [
+            r["shape"],
+            r["floor_ms"],
+            r["forward_ms"],
+            r["forward_vs_floor"],
+            r["forward_backward_ms"],
+            r["forward_backward_vs_3_floors"],
+            r["growth"],
+            r["pixel_growth"],
+        ]
+        for r in rows
+    ]
     return format_table(headers, body)

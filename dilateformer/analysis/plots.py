@@ -1,4 +1,8 @@
-"""Figure helpers for ``visualize``, ``profile`` and ``benchmark``: a headless backend, log-log scaling plots.
+"""Figure helpers for ``visualize``, ``profile`` and ``benchmark``: bare figures, log-log scaling plots.
+
+Importing this module imports no matplotlib: each drawing function imports it when it runs, and the figures are
+:class:`matplotlib.figure.Figure` objects rendered by Agg on ``savefig``, so no pyplot backend is ever selected
+(headless servers and CI need none, and a notebook's own backend stays as it was).
 
 Every figure here has a title, axis labels with units and a legend, and is written at a fixed size and dpi (no
 ``bbox_inches="tight"``), so a PNG's pixel size is known in advance and tests can check it.
@@ -7,39 +11,40 @@ Every figure here has a title, axis labels with units and a legend, and is writt
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+from dilateformer.analysis.measure import loglog_slope
 
-matplotlib.use("Agg")  # headless: the commands run on servers and in CI
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 100
 
 Series = Mapping[str, tuple[Sequence[float], Sequence[float | None]]]
 
 
-def loglog_slope(xs: Sequence[float], ys: Sequence[float | None]) -> float | None:
-    """Least-squares slope of log(y) against log(x) over the points with a positive y (None: fewer than 2)."""
-    points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None and y > 0 and x > 0]
-    if len(points) < 2:
-        return None
-    lx = np.log([p[0] for p in points])
-    ly = np.log([p[1] for p in points])
-    if np.ptp(lx) == 0:
-        return None
-    return float(np.polyfit(lx, ly, 1)[0])
+def new_figure(rows: int, cols: int, figsize: tuple[float, float]):
+    """``(figure, axes)``: a ``rows x cols`` grid (``axes`` always 2-D) at :data:`DPI`, constrained layout.
+
+    A bare :class:`matplotlib.figure.Figure`, not a pyplot one: no global backend is selected or switched (a
+    notebook keeps its own), no figure manager holds it, and ``savefig`` renders through Agg on its own.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def plot_loglog_panel(
     ax, series: Series, title: str, xlabel: str, ylabel: str, xticks: Mapping[float, str] | None = None
 ) -> None:
     """One log-log panel: a curve per series with its fitted slope in the legend, and slope-1/2 guides."""
+    import numpy as np
+    from matplotlib.ticker import NullFormatter
+
     markers = "osD^v<>"
     all_x: list[float] = []
     all_y: list[float] = []
@@ -81,14 +86,7 @@ def loglog_figure(
     n = max(1, len(panels))
     cols = 2 if n == 4 else min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(
-        rows,
-        cols,
-        figsize=(panel_size[0] * cols, panel_size[1] * rows + 0.5),
-        dpi=DPI,
-        squeeze=False,
-        layout="constrained",
-    )
+    fig, axes = new_figure(rows, cols, (panel_size[0] * cols, panel_size[1] * rows + 0.5))
     for ax, (title, xlabel, ylabel, series) in zip(axes.flat, panels, strict=False):
         plot_loglog_panel(ax, series, title, xlabel, ylabel, xticks)
     for ax in list(axes.flat)[len(panels) :]:
@@ -101,8 +99,14 @@ def save_figure(fig: Figure, output: str | Path) -> Path:
     """Write ``fig`` at its own size and dpi (format from the suffix, PNG if none) and close it."""
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Constrained layout settles over passes where axes keep a fixed aspect (images): one pass can leave the
+    # suptitle overlapping the panel titles. Two layout-only passes before the rendered one let it converge.
+    for _ in range(2):
+        fig.draw_without_rendering()
     fig.savefig(path, dpi=fig.dpi, format=path.suffix.lstrip(".").lower() or "png")
-    plt.close(fig)
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:  # a figure the caller made with pyplot: release it (a no-op for ours)
+        pyplot.close(fig)
     return path
 
 
@@ -125,9 +129,7 @@ def benchmark_figure(
     n = max(1, len(panels))
     cols = 2 if n == 4 else min(n, 3)
     rows_n = math.ceil(n / cols)
-    fig, axes = plt.subplots(
-        rows_n, cols, figsize=(6.0 * cols, 4.6 * rows_n + 0.5), dpi=DPI, squeeze=False, layout="constrained"
-    )
+    fig, axes = new_figure(rows_n, cols, (6.0 * cols, 4.6 * rows_n + 0.5))
     flat = list(axes.flat)
     for ax in flat[len(panels) :]:
         ax.set_visible(False)

@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dilateformer.analysis.measure import count_macs, format_table, median_ms
+from dilateformer.analysis.measure import format_table, median_ms, saved_for_backward, to_mb
+from dilateformer.analysis.measure import gmacs as measure_gmacs
 from dilateformer.analysis.plots import loglog_figure, save_figure
-from dilateformer.analysis.visualize import InputError, create_registered_model
+from dilateformer.analysis.visualize import create_registered_model
 from dilateformer.models import global_twin
-
-MB = 1e6
 
 
 @dataclass
@@ -56,12 +54,12 @@ MAX_SIZE = 4096
 
 
 def parse_sizes(text: str) -> list[int]:
-    """``"224,512,1024"`` -> ``[224, 512, 1024]``; anything but ints in 1..MAX_SIZE is an :class:`InputError`."""
+    """``"224,512,1024"`` -> ``[224, 512, 1024]``; anything but ints in 1..MAX_SIZE is an :class:`ValueError`."""
     sizes = []
     for part in text.split(","):
         part = part.strip()
         if not part.isdigit() or not 1 <= int(part) <= MAX_SIZE:
-            raise InputError(
+            raise ValueError(
                 f"--sizes takes positive integers up to {MAX_SIZE} separated by commas, e.g. 224,512; got {text!r}"
             )
         sizes.append(int(part))
@@ -87,27 +85,6 @@ def build_pair(model_name: str, **kwargs) -> dict[str, nn.Module]:
     return {"msda": model, "global": twin}
 
 
-def saved_bytes(fn: Callable[[], object], params: Sequence[torch.Tensor] = ()) -> tuple[int, int]:
-    """``(total, parameters)``: bytes of the distinct storages autograd saves while ``fn()`` builds its graph.
-
-    Like :func:`~dilateformer.analysis.measure.saved_for_backward_bytes`, with the share held by ``params``
-    split out. Storages are keyed by their storage object rather than their address, because meta tensors,
-    which :func:`estimate_saved_bytes` uses, all have address 0.
-    """
-    param_keys = {p.untyped_storage()._cdata for p in params}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage._cdata] = max(storages.get(storage._cdata, 0), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values()), sum(n for key, n in storages.items() if key in param_keys)
-
-
 def estimate_saved_bytes(model: nn.Module, size: int, batch: int) -> int:
     """Bytes autograd would save for backward, from a meta-device forward.
 
@@ -117,7 +94,7 @@ def estimate_saved_bytes(model: nn.Module, size: int, batch: int) -> int:
     """
     meta = copy.deepcopy(model).to("meta").train()
     x = torch.empty(batch, 3, size, size, device="meta")
-    return saved_bytes(lambda: meta(x))[0]
+    return saved_for_backward(lambda: meta(x)).total
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -150,7 +127,7 @@ def profile_models(
     """
     for name, value in (("sizes", sizes), ("batch", [batch]), ("repeats", [repeats])):
         if not value or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in value):
-            raise InputError(f"{name} must be positive ints, got {value!r}")
+            raise ValueError(f"{name} must be positive ints, got {value!r}")
     say = progress or (lambda line: None)
     budget = memory_budget if memory_budget is not None else int(0.7 * available_memory_bytes())
     models = build_pair(model_name)
@@ -168,7 +145,7 @@ def profile_models(
             step += 1
             label = f"[{step}/{steps}] {model_name} ({attention}) {size}x{size} batch {batch}"
             say(f"{label}: counting multiply-adds")
-            gmacs = count_macs(model, torch.empty(1, 3, size, size), on_meta=True) / 1e9
+            gmacs = measure_gmacs(model, torch.empty(1, 3, size, size), on_meta=True)
             row = ProfileRow(
                 model=model_name,
                 attention=attention,
@@ -190,7 +167,7 @@ def profile_models(
                 row.status = f"failed: {str(error).split(':')[0]}"
                 say(f"{label}: {row.status}")
                 continue
-            row.saved_mb_estimate = estimate / MB
+            row.saved_mb_estimate = to_mb(estimate)
             if not timing:
                 row.status = "flops only"
                 continue
@@ -234,8 +211,8 @@ def _measure(model, row: ProfileRow, size, batch, repeats, warmup, device, say) 
     x = torch.randn(batch, 3, size, size, device=device)
     model.train()
     say("memory saved for backward")
-    total, weights = saved_bytes(lambda: model(x), list(model.parameters()))
-    row.saved_mb, row.activation_mb = total / MB, (total - weights) / MB
+    saved = saved_for_backward(lambda: model(x), exclude=model.parameters())
+    row.saved_mb, row.activation_mb = to_mb(saved.total), to_mb(saved.counted)
 
     def forward_backward() -> None:
         model.zero_grad(set_to_none=True)
@@ -356,7 +333,3 @@ def profile_figure(rows: Sequence[ProfileRow], output) -> None:
         xticks={size * size: f"{size}²" for size in sizes},
     )
     save_figure(fig, output)
-
-
-def stderr_progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)

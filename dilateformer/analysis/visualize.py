@@ -18,25 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch, Rectangle
-from matplotlib.ticker import MaxNLocator
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from dilateformer.analysis.capture import CapturedAttention, capture_attention
-from dilateformer.analysis.plots import DPI, save_figure
+from dilateformer.analysis.plots import new_figure, save_figure
 from dilateformer.nn.attention import GlobalAttention, MultiScaleDilatedAttention
 from dilateformer.ops.neighborhood import head_groups, window_table
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Deepest stage stride of DilateFormer (4 * 2**3): inputs resized to a multiple keep every stage's grid exact.
 SIZE_MULTIPLE = 32
 QUERY_STYLE = dict(marker="*", color="red", markersize=14, markeredgecolor="white", ls="none", label="query")
-
-
-class InputError(ValueError):
-    """Bad user input (image, query, stage, sizes): the CLI prints its message as one line, no traceback."""
 
 
 @dataclass
@@ -89,7 +81,7 @@ def attention_layers(model: nn.Module) -> dict[tuple[int, int], nn.Module]:
     """``(stage, block) -> attention layer`` of a DilateFormer-shaped model (``stages[i].blocks[j].attn``)."""
     stages = getattr(model, "stages", None)
     if stages is None:
-        raise InputError(f"{type(model).__name__} has no .stages: expected a DilateFormer model")
+        raise ValueError(f"{type(model).__name__} has no .stages: expected a DilateFormer model")
     found = {}
     for i, stage in enumerate(stages):
         for j, block in enumerate(getattr(stage, "blocks", ())):
@@ -107,16 +99,16 @@ def pick_msda_layer(model: nn.Module, stage: int, block: int) -> tuple[str, nn.M
     layers = attention_layers(model)
     msda = stages_with(model, MultiScaleDilatedAttention)
     if not msda:
-        raise InputError("this model has no MSDA layer in any stage")
+        raise ValueError("this model has no MSDA layer in any stage")
     if (stage, 0) not in layers:
-        raise InputError(f"stage {stage} does not exist; the model has stages 0-{max(s for s, _ in layers)}")
+        raise ValueError(f"stage {stage} does not exist; the model has stages 0-{max(s for s, _ in layers)}")
     if stage not in msda:
-        raise InputError(
+        raise ValueError(
             f"stage {stage} has no MSDA (it uses global attention); stages with MSDA: {', '.join(map(str, msda))}"
         )
     blocks = sorted(b for s, b in layers if s == stage)
     if block not in blocks:
-        raise InputError(f"stage {stage} has blocks 0-{blocks[-1]}, got --block {block}")
+        raise ValueError(f"stage {stage} has blocks 0-{blocks[-1]}, got --block {block}")
     return f"stages.{stage}.blocks.{block}.attn", layers[(stage, block)]
 
 
@@ -131,7 +123,7 @@ def pick_global_layer(model: nn.Module, twin: nn.Module | None, stage: int, bloc
             return twin, f"stages.{stage}.blocks.{block}.attn", f"global twin stages.{stage}.blocks.{block}"
     global_stages = stages_with(model, GlobalAttention)
     if not global_stages:
-        raise InputError("no global-attention layer to compare with: pass a global-attention twin")
+        raise ValueError("no global-attention layer to compare with: pass a global-attention twin")
     s = global_stages[0]
     return model, f"stages.{s}.blocks.0.attn", f"this model's global stages.{s}.blocks.0"
 
@@ -149,11 +141,11 @@ def load_image(path: str | Path):
     from dilateformer.train.data import load_image as load_rgb8
 
     if not Path(path).is_file():
-        raise InputError(f"image not found: {path}")
+        raise ValueError(f"image not found: {path}")
     try:
         return load_rgb8(path)
     except CorruptImageError as error:
-        raise InputError(str(error)) from None
+        raise ValueError(str(error)) from None
 
 
 def model_input_size(image_hw: tuple[int, int], size: int) -> tuple[int, int]:
@@ -174,8 +166,8 @@ def prepare_image(image, size: int, model: nn.Module) -> tuple[np.ndarray, torch
     in_h, in_w = model_input_size((image.height, image.width), size)
     resized = np.asarray(image.resize((in_w, in_h), Image.BICUBIC))
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(3, 1, 1)
-    std = torch.tensor(cfg.get("std", IMAGENET_STD)).view(3, 1, 1)
+    mean = torch.tensor(cfg.get("mean", IMAGENET_DEFAULT_MEAN)).view(3, 1, 1)
+    std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD)).view(3, 1, 1)
     x = (torch.from_numpy(resized.copy()).permute(2, 0, 1).float() / 255 - mean) / std
     return resized, x.unsqueeze(0)
 
@@ -184,7 +176,7 @@ def check_queries(queries: Sequence[tuple[float, float]], image_hw: tuple[int, i
     h, w = image_hw
     for y, x in queries:
         if not (0 <= y < h and 0 <= x < w):
-            raise InputError(
+            raise ValueError(
                 f"query y={y:g}, x={x:g} is outside the image (height {h}, width {w}; y in [0, {h}), x in [0, {w}))"
             )
     return list(queries)
@@ -198,7 +190,7 @@ def parse_query(text: str) -> tuple[float, float]:
             raise ValueError
         y, x = (float(p) for p in parts)
     except ValueError:
-        raise InputError(f"--query takes 'y,x' in pixels, e.g. 120,200; got {text!r}") from None
+        raise ValueError(f"--query takes 'y,x' in pixels, e.g. 120,200; got {text!r}") from None
     return y, x
 
 
@@ -242,13 +234,16 @@ def attention_figure(
     Small images (under 100 pixels a side) are drawn with nearest-neighbour upsampling, so their pixels stay
     visible. Returns the matplotlib Figure (closed if it was written to ``output``).
     """
-    import matplotlib.pyplot as plt
+    import matplotlib as mpl
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.ticker import MaxNLocator
 
     layer_name, msda_layer = pick_msda_layer(model, stage, block)
     if isinstance(image, (list, tuple)):
         images = [load_image(i) if isinstance(i, (str, Path)) else i for i in image]
         if queries is not None and len(queries) != len(images):
-            raise InputError(f"with {len(images)} images, give one query per image, got {len(queries)}")
+            raise ValueError(f"with {len(images)} images, give one query per image, got {len(queries)}")
         per_image = [[q] if q is not None else None for q in (queries or [None] * len(images))]
     else:
         images = [load_image(image) if isinstance(image, (str, Path)) else image]
@@ -270,15 +265,8 @@ def attention_figure(
 
     n_groups = len(msda_layer.dilations)
     ncols = n_groups + 2
-    fig, axes = plt.subplots(
-        len(rows),
-        ncols,
-        figsize=(3.3 * ncols + 0.9, 3.3 * len(rows) + 1.6),
-        dpi=DPI,
-        squeeze=False,
-        layout="constrained",
-    )
-    cmap = plt.get_cmap("viridis")
+    fig, axes = new_figure(len(rows), ncols, (3.3 * ncols + 0.9, 3.3 * len(rows) + 1.6))
+    cmap = mpl.colormaps["viridis"]
     geometry = []
     for _, (qy, qx), resized, msda_rec, _, image_hw in rows:
         sy, sx = image_hw[0] / resized.shape[0], image_hw[1] / resized.shape[1]  # model pixels -> original pixels
@@ -329,8 +317,6 @@ def attention_figure(
             ax.set_xlabel("x (pixels)")
             ax.set_ylabel("y (pixels)")
 
-    import matplotlib as mpl
-
     fig.colorbar(
         mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, 100 * vmax), cmap=cmap),
         ax=axes[:, 1 : 1 + n_groups],
@@ -378,6 +364,8 @@ def _run_and_capture(model: nn.Module, name: str, x: torch.Tensor) -> CapturedAt
 def _draw_window(
     ax, window: GroupWindow, image, extent, cell, query, cmap, vmax: float, interpolation: str = "antialiased"
 ) -> None:
+    from matplotlib.patches import Rectangle
+
     cell_h, cell_w = cell
     ax.imshow(image, extent=extent, alpha=0.55, interpolation=interpolation)
     k = len(window.rows)
@@ -409,7 +397,7 @@ def _draw_window(
 
 
 def create_registered_model(model_name: str, **kwargs) -> nn.Module:
-    """:func:`dilateformer.models.create_model` for a DilateFormer name; a bad name or argument is an InputError."""
+    """:func:`dilateformer.models.create_model` for a DilateFormer name; a bad name or argument is an ValueError."""
     import timm
 
     from dilateformer.models import create_model
@@ -417,4 +405,4 @@ def create_registered_model(model_name: str, **kwargs) -> nn.Module:
     try:
         return create_model(model_name, known=timm.list_models("dilateformer*"), **kwargs)
     except ValueError as error:
-        raise InputError(str(error)) from None
+        raise ValueError(str(error)) from None

@@ -10,36 +10,13 @@ import argparse
 import re
 from pathlib import Path
 
+from dilateformer.argtypes import positive_int, ranged
+from dilateformer.errors import CommandError
+
 # ------------------------------------------------------------------------------------------------- defects
 
 
-def _image_size(text: str) -> int:
-    from dilateformer.integrations.defects import MAX_IMAGE_SIZE
-
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not (64 <= value <= MAX_IMAGE_SIZE and value % 32 == 0):
-        raise argparse.ArgumentTypeError(f"expected a multiple of 32 in 64..{MAX_IMAGE_SIZE}, got {text!r}")
-    return value
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
 def _run_defects(args: argparse.Namespace) -> int:
-    from dilateformer.analysis.commands import CommandError
     from dilateformer.integrations.defects import DEFECT_CLASSES, dataset_stats, make_defect_dataset, sample_grid
 
     try:
@@ -70,7 +47,6 @@ def _run_defects(args: argparse.Namespace) -> int:
 
 def _add_defects(subparsers) -> None:
     """``dilateformer defects --output DIR [--seed N] [--num-train N] [--num-val N] [--image-size N] ...``."""
-    from dilateformer.analysis.commands import _guarded
 
     p = subparsers.add_parser(
         "defects",
@@ -81,13 +57,20 @@ def _add_defects(subparsers) -> None:
         "settings reuses the dataset. Also writes a grid of sample images with their boxes.",
     )
     p.add_argument("--output", required=True, metavar="DIR", help="dataset directory (new, empty, or one of ours)")
-    p.add_argument("--seed", type=_count(0), default=0, help="random seed, >= 0 (default 0)")
-    p.add_argument("--num-train", type=_count(1), default=240, help="training images (default 240)")
-    p.add_argument("--num-val", type=_count(1), default=60, help="validation images (default 60)")
-    p.add_argument("--image-size", type=_image_size, default=256, help="image side in pixels (default 256)")
+    from dilateformer.integrations.defects import MAX_IMAGE_SIZE
+
+    p.add_argument("--seed", type=ranged(int, 0), default=0, help="random seed, >= 0 (default 0)")
+    p.add_argument("--num-train", type=positive_int, default=240, help="training images (default 240)")
+    p.add_argument("--num-val", type=positive_int, default=60, help="validation images (default 60)")
+    p.add_argument(
+        "--image-size",
+        type=ranged(int, 64, MAX_IMAGE_SIZE, multiple_of=32),
+        default=256,
+        help=f"image side in pixels, a multiple of 32 in 64..{MAX_IMAGE_SIZE} (default 256)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a dataset written here with other settings")
     p.add_argument("--grid", metavar="PNG", help="sample grid image (default DIR/sample_grid.png)")
-    p.set_defaults(func=_guarded("defects", _run_defects))
+    p.set_defaults(func=_run_defects)
 
 
 # -------------------------------------------------------------------------------------------- yolo-compare
@@ -96,21 +79,8 @@ def _add_defects(subparsers) -> None:
 _DEVICE = re.compile(r"^(cpu|\d+|cuda(:\d+)?)$")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return value
-
-
-def _imgsz(text: str) -> int:
-    value = _positive_int(text)
-    if value % 32:
-        raise argparse.ArgumentTypeError(f"expected a multiple of 32 (YOLO's largest stride), got {text!r}")
-    return value
+# YOLO's largest stride is 32: other sizes are rounded by Ultralytics, and the runs would not be comparable.
+_imgsz = ranged(int, 32, multiple_of=32)
 
 
 def _seed_list(text: str) -> tuple[int, ...]:
@@ -149,8 +119,6 @@ def _data_yaml(text: str) -> str:
 def _run_yolo_compare(args: argparse.Namespace) -> int:
     import dataclasses
     import os
-
-    from dilateformer.analysis.commands import CommandError
 
     os.environ.setdefault("YOLO_OFFLINE", "1")  # before Ultralytics' first import: it reads it once
     try:
@@ -194,7 +162,6 @@ def _run_yolo_compare(args: argparse.Namespace) -> int:
 
 def _add_yolo_compare(subparsers) -> None:
     """``dilateformer yolo-compare [--data YAML] [--variants ...] [--seeds ...] [--epochs N] [--imgsz N] ...``."""
-    from dilateformer.analysis.commands import _guarded
 
     p = subparsers.add_parser(
         "yolo-compare",
@@ -218,9 +185,9 @@ def _add_yolo_compare(subparsers) -> None:
         "(default: yolov8n,yolov8n-msda,yolov8n-global,yolov8n-cbam,yolov8n-psa)",
     )
     p.add_argument("--seeds", type=_seed_list, help="comma-separated training seeds (default 0,1,2)")
-    p.add_argument("--epochs", type=_positive_int, help="training epochs per run (default 8)")
+    p.add_argument("--epochs", type=positive_int, help="training epochs per run (default 8)")
     p.add_argument("--imgsz", type=_imgsz, help="training image size, a multiple of 32 (default 256)")
-    p.add_argument("--batch", type=_positive_int, help="training batch size (default 8)")
+    p.add_argument("--batch", type=positive_int, help="training batch size (default 8)")
     p.add_argument("--device", type=_device, help="cpu, or one CUDA device: 0, cuda:1 (default: 0 if CUDA, else cpu)")
     p.add_argument("--amp", action="store_true", help="mixed-precision training (CUDA only; default float32)")
     p.add_argument(
@@ -235,7 +202,7 @@ def _add_yolo_compare(subparsers) -> None:
         help="a smoke test of a few minutes: 3 variants x 2 seeds, 1 epoch, 64 px, 16 generated images "
         "(explicit flags still override)",
     )
-    p.set_defaults(func=_guarded("yolo-compare", _run_yolo_compare))
+    p.set_defaults(func=_run_yolo_compare)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

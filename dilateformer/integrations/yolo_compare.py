@@ -8,8 +8,8 @@ settings that decide a result (data, epochs, imgsz, batch, recipe, device type, 
 table never mixes two recipes.
 
 The table holds, per variant: mAP50 and mAP50-95 (mean ± sample std over seeds), the difference of each to the
-baseline (the first variant) with Welch's t-test (:func:`compare_to_baseline`), params, GFLOPs counted by
-:func:`dilateformer.analysis.measure.count_macs` (which counts the attention products that Ultralytics' thop
+baseline (the first variant) with Welch's t-test (:func:`compare_to_baseline`), params, GFLOPs (2 x multiply-adds, by
+:func:`dilateformer.analysis.measure.gflops`, which counts the attention products that Ultralytics' thop
 count leaves out), peak training memory, training throughput and inference latency.
 
 Ultralytics (AGPL-3.0) is imported only inside the functions that train and measure; the rest of this module
@@ -154,6 +154,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 def summarize(variants: Sequence[str], results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per variant (in ``variants`` order) from the per-run results, with differences to the first."""
+    from dilateformer.analysis.measure import to_mb
+
     by_variant = {v: [r for r in results if r["variant"] == v] for v in variants}
     base = by_variant[variants[0]]
     rows = []
@@ -170,7 +172,7 @@ def summarize(variants: Sequence[str], results: Sequence[dict[str, Any]]) -> lis
                 row[f"{key}_vs_baseline"] = dataclasses.asdict(d)
         row["params"] = runs[0]["params"]
         row["gflops"] = runs[0]["gflops"]
-        row["train_memory_mb"] = max(r["train_memory_bytes"] for r in runs) / 1e6
+        row["train_memory_mb"] = to_mb(max(r["train_memory_bytes"] for r in runs))
         row["memory_method"] = runs[0]["memory_method"]
         row["train_img_s"] = statistics.fmean(r["train_img_s"] for r in runs)
         row["inference_ms"] = statistics.median(r["inference_ms"] for r in runs)
@@ -245,11 +247,11 @@ def compare_table(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> s
 
 def compare_figure(rows: Sequence[dict[str, Any]], output: str | Path, title: str) -> Path:
     """Four panels: mAP50-95 (mean ± std, seed points), GFLOPs, peak training memory, train throughput."""
-    from dilateformer.analysis.plots import DPI, plt, save_figure
+    from dilateformer.analysis.plots import new_figure, save_figure
 
     names = [r["variant"] for r in rows]
     xs = list(range(len(rows)))
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), dpi=DPI, layout="constrained")
+    fig, axes = new_figure(2, 2, (12, 8.5))
     ax = axes[0, 0]
     means = [r["map50_95"]["mean"] for r in rows]
     stds = [r["map50_95"]["std"] or 0.0 for r in rows]
@@ -496,13 +498,13 @@ def _measure(weights: Path, settings: CompareSettings, device) -> dict[str, Any]
 
     import torch
 
-    from dilateformer.analysis.measure import count_macs, median_ms, saved_for_backward_bytes
+    from dilateformer.analysis.measure import gflops, median_ms, saved_for_backward_bytes
 
     model = _load_trained(weights, device)
     params = sum(p.numel() for p in model.parameters())
     x = torch.zeros(1, 3, settings.imgsz, settings.imgsz, device=device)
     fused = copy.deepcopy(model).fuse(verbose=False).eval()
-    gflops = count_macs(fused, x) * 2 / 1e9
+    compute = gflops(fused, x)  # GFLOPs, not GMACs: the unit Ultralytics users read
     with torch.no_grad():
         inference_ms = median_ms(lambda: fused(x), repeats=10, warmup=2, device=device)
     trainable = copy.deepcopy(model).train().requires_grad_(True)
@@ -510,7 +512,7 @@ def _measure(weights: Path, settings: CompareSettings, device) -> dict[str, Any]
     saved = saved_for_backward_bytes(lambda: trainable(batch))
     return {
         "params": params,
-        "gflops": gflops,
+        "gflops": compute,
         "inference_ms": inference_ms,
         "train_memory_bytes": saved,
         "memory_method": "saved_for_backward",

@@ -75,8 +75,9 @@ def convert_official_checkpoint(obj: Mapping[str, Any], use_ema: bool = False) -
     Returns:
         A new dict of tensors: ``patch_embed.proj.N`` becomes ``stem.N``; the downsampling that the official
         code runs at the end of stage i (``stages.i.downsample.proj.{0,1}``) becomes the start of stage i + 1
-        (``stages.{i+1}.downsample.{conv,norm}``); blocks, ``norm`` and ``head`` keep their names. A DDP
-        ``module.`` prefix is dropped.
+        (``stages.{i+1}.downsample.{conv,norm}``); blocks, ``norm`` and ``head`` keep their names. The MSDA
+        layers' 1x1-conv qkv weight ``(3C, C, 1, 1)`` (official, and this project's before its qkv became a
+        Linear) becomes the Linear weight ``(3C, C)``. A DDP ``module.`` prefix is dropped.
     """
     state_dict = _unwrap(obj, use_ema)
     out: dict[str, torch.Tensor] = {}
@@ -91,6 +92,8 @@ def convert_official_checkpoint(obj: Mapping[str, Any], use_ema: bool = False) -
             if match:
                 stage, index, rest = match.groups()
                 key = f"stages.{int(stage) + 1}.downsample.{'conv' if index == '0' else 'norm'}.{rest}"
+        if key.endswith("attn.qkv.weight") and value.dim() == 4 and value.shape[2:] == (1, 1):
+            value = value.flatten(1)
         out[key] = value
     return out
 
@@ -201,8 +204,8 @@ def match_state_dict(
     """The entries of ``state_dict`` (official or ours) that fit ``model``, or an error naming every mismatch.
 
     A classifier (``head.*``) of another size is left out, so weights fine-tune to a new class count. A
-    ``(3C, C)`` qkv Linear weight and a ``(3C, C, 1, 1)`` qkv conv weight are reshaped into each other (MSDA
-    and global attention project alike), so a model and its global-attention twin can share weights.
+    ``(3C, C)`` qkv Linear weight and a ``(3C, C, 1, 1)`` qkv conv weight are reshaped into each other, so
+    weights also move between this project's models and a model that keeps the official 1x1-conv qkv.
 
     Raises:
         ValueError: with ``strict``, any missing or unexpected key, or any shape mismatch outside the head;

@@ -78,6 +78,8 @@ class DilateFormerFPN(nn.Module):
 
 def _freeze_batchnorm(module: nn.Module) -> nn.Module:
     # Detection batches are small, so torchvision's own backbones freeze BatchNorm statistics and affine terms.
+    # Not timm.layers.freeze_batch_norm_2d: that builds timm's FrozenBatchNorm2d and shares the running buffers
+    # with the source model; torchvision's detectors expect (and check for) torchvision's class, with own copies.
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, trunc_normal_
+from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -435,7 +435,6 @@ class DilateFormer(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = img_size
-        self.global_pool_type = global_pool
         self.drop_rate = drop_rate
         self.attn_types = attn_types
         self.output_stride = output_stride
@@ -443,8 +442,8 @@ class DilateFormer(nn.Module):
         self.grad_checkpointing = False
 
         self.stem = ConvStem(in_chans, embed_dim, act_layer=act_layer, **dd)
-        # On the CPU even where a device context (e.g. torch.device("meta")) is active: these are Python floats.
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        # One rate per block, rising linearly over all blocks (Python floats, even under a device context).
+        rates = calculate_drop_path_rates(drop_path_rate, sum(depths))
         stages, self.feature_info = [], []
         start = 0
         reduction, dilation = 4, 1
@@ -488,7 +487,11 @@ class DilateFormer(nn.Module):
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        # MSDA's qkv keeps PyTorch's default init, as the official 1x1 conv it replaces does.
+        default_init = {m.qkv for m in self.modules() if isinstance(m, MultiScaleDilatedAttention)}
+        for module in self.modules():
+            if module not in default_init:
+                _init_weights(module)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -522,7 +525,6 @@ class DilateFormer(nn.Module):
         """A fresh classifier of ``num_classes`` outputs (0: none), and optionally another ``global_pool``."""
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool_type = global_pool
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         device, dtype = self.stem[0].weight.device, self.stem[0].weight.dtype
         self.head = (

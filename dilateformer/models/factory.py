@@ -52,9 +52,10 @@ def create_model(
 def global_twin(model: nn.Module, *, copy_weights: bool = True, **kwargs: Any) -> DilateFormer:
     """``model``'s global-attention twin: the same configuration with every stage ``"global"``.
 
-    The two have the same parameters (MSDA's 1x1-conv ``qkv`` weight is the twin's Linear weight, which
-    :func:`load_into` maps), so with ``copy_weights`` the twin's first layer sees exactly the input ``model``'s
-    first MSDA layer saw. The twin is built on ``model``'s device and dtype;
+    The two have the same parameters, name for name and shape for shape (``twin.load_state_dict(
+    model.state_dict())`` works), so with ``copy_weights`` the twin's first layer sees exactly the input
+    ``model``'s first MSDA layer saw; the weights go through :func:`load_into`, so a ``num_classes`` override
+    keeps a fresh classifier. The twin is built on ``model``'s device and dtype;
     ``kwargs`` override the configuration (e.g. ``device``). A model registered with timm
     gets its twin through timm, with the same ``pretrained_cfg``.
     """

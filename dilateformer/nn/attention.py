@@ -27,7 +27,7 @@ from dilateformer.functional import (
     multi_scale_dilated_attention,
     quiet_at_trace_time,
 )
-from dilateformer.nn.linear import apply_linear, is_symbolic_tracing, linear
+from dilateformer.nn.linear import apply_linear, is_symbolic_tracing
 from dilateformer.ops.reference import msda_reference
 
 Layout = Literal["nchw", "nhwc"]
@@ -84,7 +84,7 @@ class _HeadedAttention(nn.Module):
         self,
         dim: int,
         num_heads: int,
-        qkv: nn.Module,
+        qkv_bias: bool,
         qk_scale: float | None,
         attn_drop: float,
         proj_drop: float,
@@ -96,7 +96,9 @@ class _HeadedAttention(nn.Module):
         self.dim, self.num_heads = dim, num_heads
         self.layout = check_layout(layout)
         self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
-        self.qkv = qkv
+        # C -> 3C, output channels ordered [q | k | v][head][head_dim]; called as a module so hooks, LoRA and
+        # quantization wrappers see it.
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -116,10 +118,13 @@ class _HeadedAttention(nn.Module):
 class MultiScaleDilatedAttention(_HeadedAttention):
     """Multi-Scale Dilated Attention (MSDA), the drop-in layer.
 
-    ``qkv`` (a 1x1 conv, C -> 3C, output channels ordered [q | k | v][head][head_dim]) projects the input; the
+    ``qkv`` (Linear C -> 3C, output channels ordered [q | k | v][head][head_dim]) projects the input; the
     heads are split into ``len(dilations)`` groups that each attend to a ``kernel_size x kernel_size`` window
-    with their own dilation; ``proj`` (Linear C -> C) mixes the concatenated heads. Parameter names and shapes
-    match the official DilateFormer code, so its weights load unchanged.
+    with their own dilation; ``proj`` (Linear C -> C) mixes the concatenated heads. Both are called as modules,
+    so hooks, LoRA wrappers and quantized replacements of ``qkv`` and ``proj`` take effect. Parameter names match
+    the official DilateFormer code; its qkv is a 1x1 conv, whose ``(3C, C, 1, 1)`` weight (also what this
+    project saved before qkv became a Linear) loads into the ``(3C, C)`` Linear unchanged, through
+    ``load_state_dict`` or unpickling a whole module.
 
     Args:
         dim: channels C of the input and output.
@@ -160,9 +165,7 @@ class MultiScaleDilatedAttention(_HeadedAttention):
         dtype: torch.dtype | None = None,
     ) -> None:
         dd = {"device": device, "dtype": dtype}
-        check_dim_heads(dim, num_heads)
-        qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=qkv_bias, **dd)
-        super().__init__(dim, num_heads, qkv, qk_scale, attn_drop, proj_drop, layout, dd)
+        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, layout, dd)
         self.kernel_size = check_kernel_size(kernel_size)
         self.dilations = check_dilations(dilations)
         self._op_dilations = list(self.dilations)  # the op's int[] argument, for graph mode
@@ -178,6 +181,27 @@ class MultiScaleDilatedAttention(_HeadedAttention):
             f"dilations={self.dilations}, border={self.border!r}, layout={self.layout!r}"
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A 1x1-conv qkv weight (official checkpoints, and this project's before qkv became a Linear) holds the
+        # Linear's weight with two trailing singleton axes; the parent runs before its children, so they see it 2-D.
+        key = prefix + "qkv.weight"
+        weight = state_dict.get(key)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 4 and weight.shape[2:] == (1, 1):
+            state_dict[key] = weight.flatten(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # A whole module pickled before qkv became a Linear (an Ultralytics .pt file) comes back with the conv.
+        conv = self._modules.get("qkv")
+        if type(conv) is nn.Conv2d and conv.kernel_size == (1, 1):
+            # Built on the meta device, so unpickling neither allocates nor draws random numbers for an init.
+            qkv = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None, device="meta")
+            qkv.weight = nn.Parameter(conv.weight.detach().flatten(1), requires_grad=conv.weight.requires_grad)
+            if conv.bias is not None:
+                qkv.bias = conv.bias
+            self._modules["qkv"] = qkv.train(conv.training)
+
     @torch.jit.unused
     def _needs_explicit_probs(self) -> bool:
         return (self.training and self.attn_drop.p > 0) or self._probabilities_requested()
@@ -191,7 +215,7 @@ class MultiScaleDilatedAttention(_HeadedAttention):
         if self.layout == "nchw":
             x = x.permute(0, 2, 3, 1)
         batch, height, width = x.shape[0], x.shape[1], x.shape[2]
-        qkv = F.linear(x, self.qkv.weight.view(3 * self.dim, self.dim), self.qkv.bias)
+        qkv = self.qkv(x)
         q, k, v = qkv.view(batch, height, width, 3, self.num_heads, self.head_dim).unbind(3)
         out = torch.ops.dilateformer.msda_forward(
             q, k, v, self.kernel_size, self._op_dilations, self.scale, self.border, "auto"
@@ -203,8 +227,8 @@ class MultiScaleDilatedAttention(_HeadedAttention):
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = to_channels_last(x, self.dim, self.layout, type(self).__name__)
         batch, height, width, _ = x.shape
-        # The 1x1 conv is a matmul over channels: run it channels-last, where the heads come out contiguous.
-        qkv = linear(x, self.qkv.weight.view(3 * self.dim, self.dim), self.qkv.bias)
+        # Channels-last, the heads come out of the projection contiguous.
+        qkv = apply_linear(self.qkv, x)
         q, k, v = qkv.view(batch, height, width, 3, self.num_heads, self.head_dim).unbind(3)
         if self._needs_explicit_probs():
             out = msda_reference(
@@ -254,9 +278,7 @@ class GlobalAttention(_HeadedAttention):
         dtype: torch.dtype | None = None,
     ) -> None:
         dd = {"device": device, "dtype": dtype}
-        check_dim_heads(dim, num_heads)
-        qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
-        super().__init__(dim, num_heads, qkv, qk_scale, attn_drop, proj_drop, layout, dd)
+        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, layout, dd)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, layout={self.layout!r}"

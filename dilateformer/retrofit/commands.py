@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dilateformer.analysis.commands import CommandError, _guarded, _int_list, _positive_float, _progress
+from dilateformer.analysis.commands import _progress
+from dilateformer.argtypes import int_list, positive_float
+from dilateformer.errors import CommandError
 from dilateformer.files import atomic_write_json
 
 WEIGHTS_FILE = "retrofit.safetensors"
@@ -82,12 +84,10 @@ def _load_images(items: list[str], model, limit: int, meta: dict):
 
 def report_figure(report, output: Path) -> Path:
     """GMACs per block before and after, next to each block's in-window attention mass (if measured)."""
-    import matplotlib.pyplot as plt
-
-    from dilateformer.analysis.plots import DPI, save_figure
+    from dilateformer.analysis.plots import new_figure, save_figure
 
     panels = 2 if report.locality is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.4), dpi=DPI, layout="constrained", squeeze=False)
+    fig, axes = new_figure(1, panels, (6.5 * panels, 4.4))
     blocks = list(range(report.depth))
     ax = axes[0][0]
     width = 0.4
@@ -122,7 +122,6 @@ def report_figure(report, output: Path) -> Path:
 def _run_retrofit(args: argparse.Namespace) -> int:
     from dilateformer.retrofit import msda_vit, retrofit_config
     from dilateformer.train.checkpoint import save_checkpoint_weights
-    from dilateformer.train.errors import CLIError
 
     output = Path(args.output)
     try:
@@ -135,7 +134,7 @@ def _run_retrofit(args: argparse.Namespace) -> int:
             model, args.blocks, kernel_size=args.kernel_size, dilations=args.dilations, border=args.border,
             prefix=args.prefix, images=images, threshold=args.threshold,
         )  # fmt: skip
-    except (CLIError, ValueError, TypeError) as error:
+    except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from None
     output.mkdir(parents=True, exist_ok=True)
     metadata = {**meta, "model": args.model, "retrofit": retrofit_config(model)}
@@ -154,13 +153,6 @@ def _blocks(text: str) -> str:
     if text != "auto" and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", text):
         raise argparse.ArgumentTypeError(f"expected 'auto', 'A-B' or 'A,B,...', got {text!r}")
     return text
-
-
-def _dilations(text: str) -> tuple[int, ...]:
-    try:
-        return _int_list(text, "--dilations")
-    except CommandError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def register(subparsers) -> None:
@@ -182,10 +174,10 @@ def register(subparsers) -> None:
         help="images or folders (or 'digits') to measure locality on (needed by --blocks auto)",
     )
     p.add_argument("--num-images", type=int, default=32, help="at most this many --images are measured")
-    p.add_argument("--threshold", type=_positive_float, help="--blocks auto: least in-window attention mass [0.5]")
+    p.add_argument("--threshold", type=positive_float, help="--blocks auto: least in-window attention mass [0.5]")
     p.add_argument("--kernel-size", type=int, default=3, help="odd MSDA window size")
-    p.add_argument("--dilations", type=_dilations, default=(1, 2, 3), help="comma-separated dilation rates")
+    p.add_argument("--dilations", type=int_list(), default=(1, 2, 3), help="comma-separated dilation rates")
     p.add_argument("--border", choices=("zero", "clamp"), default="zero", help="MSDA border convention")
     p.add_argument("--prefix", choices=("global", "keys"), default="global", help="how prefix tokens are treated")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the weights and the report")
-    p.set_defaults(func=_guarded("retrofit", _run_retrofit))
+    p.set_defaults(func=_run_retrofit)

@@ -182,7 +182,7 @@ class _BlockCall(nn.Module):
 
 def _per_block_gmacs(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[float, list[float]]:
     """GMACs of one image for the whole model and for each block (from the block inputs of that forward)."""
-    from dilateformer.analysis.measure import count_macs
+    from dilateformer.analysis.measure import GIGA, count_macs
 
     inputs: dict[int, tuple] = {}
     handles = [
@@ -197,7 +197,7 @@ def _per_block_gmacs(model: nn.Module, input_size: tuple[int, int, int]) -> tupl
             handle.remove()
     # The hooks ran in count_macs' meta copy: its blocks (their patch grid recorded) count on their own inputs.
     per_block = [count_macs(_BlockCall(m, k), a[0], on_meta=True) for m, a, k in (inputs[i] for i in sorted(inputs))]
-    return total / 1e9, [m / 1e9 for m in per_block]
+    return total / GIGA, [m / GIGA for m in per_block]
 
 
 def _find_grid(model: nn.Module) -> PatchGrid:

@@ -30,10 +30,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from dilateformer.errors import CommandError
 from dilateformer.files import commit, write_temp
 from dilateformer.models.convert import load_weights, safetensors_payload, save_weights
 from dilateformer.models.convert import read_metadata as _read_metadata
-from dilateformer.train.errors import CLIError
 
 WEIGHTS_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".state.pt"
@@ -44,7 +44,7 @@ def _write_atomic_bytes_via(writer, path: Path) -> Path:
     """:func:`dilateformer.files.write_temp` to the fixed temp name :func:`load_last` looks for.
 
     A failed write (a full disk, a file-size limit) removes the partial temp and raises a one-line
-    :class:`CLIError`: the committed file is untouched.
+    :class:`CommandError`: the committed file is untouched.
     """
     with _write_errors_are_cli_errors(path):
         return write_temp(path, writer, tmp=path.with_name(path.name + TMP_SUFFIX))
@@ -55,7 +55,7 @@ def _write_errors_are_cli_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as error:
-        raise CLIError(_write_failure(path, error)) from None
+        raise CommandError(_write_failure(path, error)) from None
 
 
 def _write_failure(path: Path, error: BaseException) -> str:
@@ -80,25 +80,25 @@ def _write_failure(path: Path, error: BaseException) -> str:
 def save_checkpoint_weights(
     path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]
 ) -> None:
-    """:func:`dilateformer.models.save_weights`, with a failed write as a one-line :class:`CLIError`."""
+    """:func:`dilateformer.models.save_weights`, with a failed write as a one-line :class:`CommandError`."""
     with _write_errors_are_cli_errors(Path(path)):
         save_weights(state_dict, path, metadata)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """:func:`dilateformer.models.read_metadata`, with an unreadable file as a one-line :class:`CLIError`."""
+    """:func:`dilateformer.models.read_metadata`, with an unreadable file as a one-line :class:`CommandError`."""
     try:
         return _read_metadata(path)
     except ValueError as error:
-        raise CLIError(str(error)) from None
+        raise CommandError(str(error)) from None
 
 
 def read_checkpoint_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """:func:`dilateformer.models.load_weights`, with an unreadable file as a one-line :class:`CLIError`."""
+    """:func:`dilateformer.models.load_weights`, with an unreadable file as a one-line :class:`CommandError`."""
     try:
         return load_weights(path)
     except ValueError as error:
-        raise CLIError(str(error)) from None
+        raise CommandError(str(error)) from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -159,10 +159,10 @@ def _torch_load(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CLIError(f"--resume: {unpickling_refusal(path, error)}") from None
+        raise CommandError(f"--resume: {unpickling_refusal(path, error)}") from None
     except Exception as error:  # noqa: BLE001 - any other failure means the same thing to the user
         first = (str(error).splitlines() or [""])[0][:200]
-        raise CLIError(f"cannot read training state {path} ({type(error).__name__}: {first})") from None
+        raise CommandError(f"cannot read training state {path} ({type(error).__name__}: {first})") from None
 
 
 def find_last(path: str | os.PathLike) -> Path:
@@ -173,7 +173,7 @@ def find_last(path: str | os.PathLike) -> Path:
     elif path.name.endswith(STATE_SUFFIX):
         path = path.with_name(path.name[: -len(STATE_SUFFIX)] + WEIGHTS_SUFFIX)
     if not path.exists():
-        raise CLIError(
+        raise CommandError(
             f"--resume: no checkpoint at {path}; point it at a run's output directory or its last.safetensors"
         )
     return path
@@ -194,7 +194,7 @@ def load_last(
         # the weights' one, and it is dropped below.
         try:
             pending = _torch_load(tmp_state)
-        except CLIError:
+        except CommandError:
             pending = {}
         if pending.get("generation") == metadata.get("generation"):
             commit(tmp_state, state_path)
@@ -202,9 +202,9 @@ def load_last(
         if leftover.exists():
             leftover.unlink()
     if not state_path.exists():
-        raise CLIError(f"--resume: {weights_path} has no training state {state_path.name} next to it")
+        raise CommandError(f"--resume: {weights_path} has no training state {state_path.name} next to it")
     train_state = _torch_load(state_path)
     if train_state.get("generation") != metadata.get("generation"):
-        raise CLIError(f"--resume: {weights_path} and {state_path.name} are from different saves")
+        raise CommandError(f"--resume: {weights_path} and {state_path.name} are from different saves")
     weights, _ = read_checkpoint_weights(weights_path)
     return weights, metadata, train_state

@@ -8,7 +8,6 @@ which samples each step sees, and so the exact results a resumed run must reprod
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dilateformer.train.errors import CLIError
+from dilateformer.errors import CommandError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DIGITS_NAMES = [str(i) for i in range(10)]
@@ -29,7 +28,7 @@ MAX_IMAGE_PIXELS = 100_000_000
 IMBALANCE_WARNING_RATIO = 10
 
 
-class CorruptImageError(CLIError):
+class CorruptImageError(CommandError):
     """An image file that PIL cannot decode, or one refused (too large, unsupported values); names its path."""
 
 
@@ -52,7 +51,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if classes is not None and list(found) != list(classes):
             missing = sorted(set(classes) - set(found))
             extra = sorted(set(found) - set(classes))
-            raise CLIError(
+            raise CommandError(
                 f"class folders of {self.root} do not match the training classes "
                 f"(missing: {missing or 'none'}, extra: {extra or 'none'}); give every split the same class folders"
             )
@@ -140,14 +139,14 @@ def scan_class_folders(root: Path, skipped: list[str] | None = None) -> dict[str
     """
     skipped = [] if skipped is None else skipped
     if not root.exists():
-        raise CLIError(f"dataset directory {root} does not exist; pass --data-dir DIR with one folder per class")
+        raise CommandError(f"dataset directory {root} does not exist; pass --data-dir DIR with one folder per class")
     if not root.is_dir():
-        raise CLIError(f"dataset path {root} is not a directory; pass --data-dir DIR with one folder per class")
+        raise CommandError(f"dataset path {root} is not a directory; pass --data-dir DIR with one folder per class")
     entries = sorted(d for d in root.iterdir() if d.is_dir())
     skipped.extend(f"hidden folder {d}" for d in entries if is_hidden(d.name))
     class_dirs = [d for d in entries if not is_hidden(d.name)]
     if not class_dirs:
-        raise CLIError(f"dataset directory {root} has no class folders; put each class's images in {root}/CLASS/")
+        raise CommandError(f"dataset directory {root} has no class folders; put each class's images in {root}/CLASS/")
     found: dict[str, list[Path]] = {}
     for class_dir in class_dirs:
         images, seen = [], set()
@@ -168,7 +167,7 @@ def scan_class_folders(root: Path, skipped: list[str] | None = None) -> dict[str
                 else:
                     images.append(Path(dirpath) / name)
         if not images:
-            raise CLIError(
+            raise CommandError(
                 f"class folder {class_dir} has no images (looked for {', '.join(IMG_EXTENSIONS)}); "
                 "add images or remove the folder"
             )
@@ -204,16 +203,16 @@ def find_split(data_dir: str | os.PathLike, split: str) -> Path:
     """``DATA/train`` or ``DATA/val`` (``validation`` also accepted), with a clear error if absent."""
     root = Path(data_dir)
     if not root.exists():
-        raise CLIError(f"dataset directory {root} does not exist; pass --data-dir DIR containing train/ and val/")
+        raise CommandError(f"dataset directory {root} does not exist; pass --data-dir DIR containing train/ and val/")
     if not root.is_dir():
-        raise CLIError(f"dataset path {root} is not a directory; pass --data-dir DIR containing train/ and val/")
+        raise CommandError(f"dataset path {root} is not a directory; pass --data-dir DIR containing train/ and val/")
     names = ("train", "training") if split == "train" else ("val", "validation", "valid")
     for name in names:
         if (root / name).is_dir():
             return root / name
     if not any(root.iterdir()):
-        raise CLIError(f"dataset directory {root} is empty; it needs train/ and val/ with one folder per class")
-    raise CLIError(
+        raise CommandError(f"dataset directory {root} is empty; it needs train/ and val/ with one folder per class")
+    raise CommandError(
         f"dataset directory {root} has no {split}/ folder; it needs train/ and val/ with one folder per class"
     )
 
@@ -254,20 +253,10 @@ def build_dataset(dataset: str, data_dir: str | None, split: str, transform, ima
     if dataset == "digits":
         return DigitsDataset(split, image_size=image_size, transform=transform)
     if dataset not in ("", "folder", "imagefolder"):
-        raise CLIError(f"unknown --dataset {dataset!r}; use 'digits' or give --data-dir with an ImageFolder tree")
+        raise CommandError(f"unknown --dataset {dataset!r}; use 'digits' or give --data-dir with an ImageFolder tree")
     if not data_dir:
-        raise CLIError("no data: pass --data-dir DIR (ImageFolder with train/ and val/) or --dataset digits")
+        raise CommandError("no data: pass --data-dir DIR (ImageFolder with train/ and val/) or --dataset digits")
     return ImageFolderDataset(find_split(data_dir, split), transform=transform, classes=classes)
-
-
-def worker_error_message(error: BaseException) -> str:
-    """The original one-line message of an error re-raised from a DataLoader worker (it carries a traceback)."""
-    text = str(error)
-    match = re.findall(r"^\S*CorruptImageError: (.*)$", text, flags=re.MULTILINE)
-    if match:
-        return match[-1]
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:

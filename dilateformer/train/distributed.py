@@ -108,16 +108,6 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return tensor.tolist()
 
 
-def broadcast_flag(value: bool, info: DistInfo) -> bool:
-    """Rank 0's boolean on every rank (so that, e.g., every rank stops on rank 0's error)."""
-    if not info.distributed:
-        return value
-    device = info.device if info.device.type == "cuda" else torch.device("cpu")
-    tensor = torch.tensor([1 if value else 0], device=device)
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
-
-
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()

@@ -7,13 +7,13 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from dilateformer.errors import CommandError
 from dilateformer.train.distributed import DistInfo, all_reduce_sum
-from dilateformer.train.errors import CLIError
 
 
 @dataclass
@@ -23,7 +23,6 @@ class EpochStats:
     top5: float = float("nan")
     images: int = 0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def img_per_s(self) -> float:
@@ -72,12 +71,6 @@ class Progress:
             self.bar.close()
 
 
-def _top_correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> float:
-    k = min(k, logits.shape[-1])
-    top = logits.topk(k, dim=-1).indices
-    return float((top == target[:, None]).any(dim=-1).sum())
-
-
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -95,18 +88,16 @@ def train_one_epoch(
     scaler=None,
     clip_grad: float | None = None,
     log_interval: int = 50,
-    max_steps: int | None = None,
 ) -> tuple[EpochStats, int]:
     """One pass over ``loader``; returns the reduced stats and the updated optimizer-step count."""
+    from timm.utils import unwrap_model
+
     model.train()
     device = info.device
-    steps = len(loader) if max_steps is None else min(max_steps, len(loader))
-    progress = Progress(steps, f"epoch {epoch + 1}/{num_epochs}", info.is_main, log_interval)
+    progress = Progress(len(loader), f"epoch {epoch + 1}/{num_epochs}", info.is_main, log_interval)
     loss_sum, correct, seen = 0.0, 0.0, 0
     start = time.perf_counter()
     for step, (images, target) in enumerate(loader, start=1):
-        if step > steps:
-            break
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         hard_target = target
         if mixup_fn is not None:
@@ -115,7 +106,9 @@ def train_one_epoch(
             logits = model(images)
             loss = criterion(logits, target)
         if not math.isfinite(loss.item()):
-            raise CLIError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr or add --clip-grad")
+            raise CommandError(
+                f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr or add --clip-grad"
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -131,7 +124,7 @@ def train_one_epoch(
             optimizer.step()
         num_updates += 1
         if model_ema is not None:
-            model_ema.update(model.module if hasattr(model, "module") else model, step=num_updates)
+            model_ema.update(unwrap_model(model), step=num_updates)
         scheduler.step_update(num_updates=num_updates)
         batch = images.shape[0]
         loss_sum += loss.item() * batch
@@ -160,6 +153,8 @@ def train_one_epoch(
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, info: DistInfo, amp: bool = False, desc: str = "eval") -> EpochStats:
     """Loss, top-1 and top-5 (percent) over ``loader``, every sample counted once across ranks."""
+    from timm.utils import accuracy
+
     model.eval()
     device = info.device
     criterion = nn.CrossEntropyLoss(reduction="sum")
@@ -172,9 +167,12 @@ def evaluate(model: nn.Module, loader, info: DistInfo, amp: bool = False, desc: 
             logits = model(images)
         logits = logits.float()
         loss_sum += float(criterion(logits, target))
-        top1 += _top_correct(logits, target, 1)
-        top5 += _top_correct(logits, target, 5)
-        seen += images.shape[0]
+        batch = images.shape[0]
+        # timm's accuracy is a percentage of the batch; counts are summed so that every sample weighs the same.
+        acc1, acc5 = accuracy(logits, target, topk=(1, 5))
+        top1 += round(float(acc1) * batch / 100)
+        top5 += round(float(acc5) * batch / 100)
+        seen += batch
         progress.update(step, top1=100.0 * top1 / seen)
     progress.close()
     seconds = time.perf_counter() - start

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from dilateformer import models
+from dilateformer.errors import CommandError, one_line
 from dilateformer.models import load_checkpoint_file, load_into
-from dilateformer.train.errors import CLIError
 
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
@@ -21,7 +21,7 @@ def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise CLIError(f"--model-kwargs expects KEY=VALUE items, got {item!r}")
+            raise CommandError(f"--model-kwargs expects KEY=VALUE items, got {item!r}")
         value = _literal(text)
         if isinstance(value, str) and "," in value:
             # depths=1,1,1,1 is a tuple literal already; attn_types=global,global,... is bare words.
@@ -55,7 +55,7 @@ def create_model(
     try:
         model = models.create_model(name, **kwargs)
     except ValueError as error:
-        raise CLIError(one_line(str(error))) from None
+        raise CommandError(one_line(str(error))) from None
     if pretrained_path:
         # Fine-tuning: the classifier of another size is left as initialised; everything else must fit.
         load_file_into(model, pretrained_path, strict=True)
@@ -71,7 +71,7 @@ def load_file_into(
     """
     path = Path(path)
     if not path.is_file():
-        raise CLIError(f"{flag} {path} does not exist")
+        raise CommandError(f"{flag} {path} does not exist")
     try:
         own = {k: v.shape for k, v in model.state_dict().items()}
         # A model whose own keys are patch_embed.* (timm ViTs) takes them as they are, not as official DilateFormer.
@@ -80,33 +80,27 @@ def load_file_into(
         if not new_head_ok:
             for key, value in state.items():
                 if key.startswith("head.") and key in own and own[key] != value.shape:
-                    raise CLIError(
+                    raise CommandError(
                         f"{flag} {path}: its classifier {key} is {tuple(value.shape)}, this model's "
                         f"{tuple(own[key])} (the class count differs) and all keys must fit; "
                         "to fine-tune with a new head use --pretrained --pretrained-path FILE instead"
                     )
     except ValueError as error:
-        raise CLIError(one_line(str(error))) from None
+        raise CommandError(one_line(str(error))) from None
 
 
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     try:
         load_into(model, state, strict=True, source=source)
     except ValueError as error:
-        raise CLIError(one_line(str(error))) from None
+        raise CommandError(one_line(str(error))) from None
 
 
-def one_line(text: str) -> str:
-    """Fold a multi-line message (a key listing) into one line for the terminal."""
-    return "; ".join(part.strip() for part in text.splitlines() if part.strip()).replace(":;", ":")
+def retrofit(model: nn.Module, blocks: str, settings: dict[str, Any] | None = None) -> nn.Module:
+    """``--retrofit BLOCKS``: those blocks of a timm ViT swapped to MSDA (:func:`dilateformer.retrofit.msda_vit`)."""
+    from dilateformer.retrofit import msda_vit
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP and ``torch.compile`` wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+    try:
+        return msda_vit(model, blocks, **(settings or {}), measure=False)[0]
+    except (TypeError, ValueError) as error:
+        raise CommandError(f"--retrofit {blocks}: {error}") from None

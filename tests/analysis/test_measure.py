@@ -1,4 +1,5 @@
-"""``count_macs``: the package's one FLOP count, on any device, quadratic for global attention, fvcore agreeing."""
+"""The one measuring module: ``count_macs`` (any device, quadratic for global attention, fvcore agreeing), the
+bytes saved for backward (any device, parameters apart) and the growth exponent."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from dilateformer.analysis.measure import count_macs
+from dilateformer.analysis.measure import count_macs, loglog_slope, saved_for_backward, saved_for_backward_bytes
 from dilateformer.nn import GlobalAttention, MultiScaleDilatedAttention
 from dilateformer.ops.flops import fvcore_handles
 
@@ -32,6 +33,47 @@ def test_rejects_what_is_not_a_model_or_tensors():
         count_macs(model)
     with pytest.raises(TypeError, match="inputs must be one or more tensors"):
         count_macs(model, [1, 3, 64, 64])
+
+
+# ------------------------------------------------------------------------------------------- saved for backward
+
+
+def test_saved_bytes_count_each_storage_once_and_split_out_the_weights():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64)
+    x = torch.randn(32, 64, requires_grad=True)
+    saved = saved_for_backward(lambda: torch.relu(lin(x)), exclude=lin.parameters())
+    # x and the weight (for grad_input) are saved, the bias is not; relu's output is a third storage.
+    assert saved.excluded == 64 * 64 * 4
+    assert saved.total == saved.excluded + x.numel() * 4 + 32 * 64 * 4
+    assert saved_for_backward_bytes(lambda: torch.relu(lin(x))) == saved.total
+    assert saved_for_backward_bytes(lambda: torch.relu(lin(x)), exclude=lin.parameters()) == saved.counted
+
+
+def test_saved_bytes_on_meta_match_a_real_forward():
+    # Every meta storage has address 0: a count keyed by address would see one storage here.
+    torch.manual_seed(0)
+    model = timm.create_model("dilateformer_nano", embed_dim=12, attn_types=("msda",) * 4).train()
+    x = torch.randn(2, 3, 32, 32)
+    on_cpu = saved_for_backward(lambda: model(x), exclude=list(model.parameters()))
+    meta = model.to("meta")
+    on_meta = saved_for_backward(lambda: meta(x.to("meta")), exclude=list(meta.parameters()))
+    assert on_meta == on_cpu
+    params = sum(p.numel() * p.element_size() for p in meta.parameters())
+    assert 0 < on_cpu.excluded <= params and on_cpu.counted > x.numel() * 4
+
+
+def test_loglog_slope_is_the_growth_exponent():
+    xs = [64.0, 256.0, 1024.0, 4096.0]
+    assert loglog_slope(xs, [3 * x for x in xs]) == pytest.approx(1.0)
+    assert loglog_slope(xs, [0.5 * x**2 for x in xs]) == pytest.approx(2.0)
+    # Points not measured (None) or not positive are left out; fewer than two distinct x leave no slope.
+    assert loglog_slope(xs, [None, 2 * 256.0**1.5, 0.0, 2 * 4096.0**1.5]) == pytest.approx(1.5)
+    assert loglog_slope(xs, [None, None, 5.0, None]) is None
+    assert loglog_slope([8.0, 8.0], [1.0, 2.0]) is None
+
+
+# ----------------------------------------------------------------------------------------------------- counting
 
 
 def _divided_differences(xs: list[int], ys: list[int]) -> list[Fraction]:

@@ -11,7 +11,6 @@ from torch import nn
 
 import dilateformer  # noqa: F401  (registers the timm models)
 from dilateformer.analysis.visualize import (
-    InputError,
     attention_figure,
     attention_layers,
     capture_attention,
@@ -157,19 +156,19 @@ def test_twin_shares_the_weights_and_sees_the_same_first_input(nano):
 
 
 def test_errors_name_the_problem(nano, tmp_path):
-    with pytest.raises(InputError, match="stages with MSDA: 0, 1"):
+    with pytest.raises(ValueError, match="stages with MSDA: 0, 1"):
         pick_msda_layer(nano, 2, 0)
-    with pytest.raises(InputError, match="stage 0 has blocks 0-0"):
+    with pytest.raises(ValueError, match="stage 0 has blocks 0-0"):
         pick_msda_layer(nano, 0, 5)
-    with pytest.raises(InputError, match="outside the image"):
+    with pytest.raises(ValueError, match="outside the image"):
         check_queries([(10, 500)], (300, 451))
-    with pytest.raises(InputError, match="outside the image"):
+    with pytest.raises(ValueError, match="outside the image"):
         check_queries([(-1, 5)], (300, 451))
     bad = tmp_path / "not_an_image.png"
     bad.write_text("hello")
-    with pytest.raises(InputError, match="cannot read image"):
+    with pytest.raises(ValueError, match="cannot read image"):
         load_image(bad)
-    with pytest.raises(InputError, match="not found"):
+    with pytest.raises(ValueError, match="not found"):
         load_image(tmp_path / "missing.jpg")
 
 
@@ -196,7 +195,7 @@ class _StandIn(nn.Module):
 
 
 def test_figure_without_any_global_layer_is_a_clear_error():
-    with pytest.raises(InputError, match="no global-attention layer"):
+    with pytest.raises(ValueError, match="no global-attention layer"):
         attention_figure(np.zeros((64, 64, 3), np.uint8), _StandIn(), [(5, 5)], 0, 0)
 
 
@@ -245,7 +244,7 @@ def test_figure_of_several_small_images_one_row_each(nano, tmp_path, check_png):
     # Stage 0 at 32x32 input: an 8x8 grid, so the global panel spans 64 keys; a small image is drawn pixel by pixel.
     assert sum("over all 64 keys" in t for t in titles) == 2
     assert fig.axes[0].images[0].get_interpolation() == "nearest"
-    with pytest.raises(InputError, match="one query per image"):
+    with pytest.raises(ValueError, match="one query per image"):
         attention_figure(images, nano, [(3, 4)], twin=twin, size=32)
     attention_figure(images, nano, twin=twin, size=32, output=tmp_path / "two.png")
     check_png(tmp_path / "two.png", (1740, 820))

@@ -17,6 +17,7 @@ from dilateformer.models import (
     save_weights,
 )
 from dilateformer.models.convert import is_official_state_dict
+from dilateformer.nn import MultiScaleDilatedAttention
 
 MINI = dict(embed_dim=24, depths=(1, 2, 2, 1), num_classes=10)
 
@@ -165,7 +166,41 @@ def test_global_twin_shares_weights_through_load_into(official_mini_state_dict):
     twin = DilateFormer(**MINI, attn_types="global")
     load_into(twin, official_mini_state_dict)
     qkv = official_mini_state_dict["stages.0.blocks.0.attn.qkv.weight"]
+    assert qkv.shape[2:] == (1, 1)  # the official 1x1 conv
     torch.testing.assert_close(twin.stages[0].blocks[0].attn.qkv.weight, qkv.flatten(1))
-    # Plain load_state_dict refuses, as the qkv shapes differ: that is the documented difference.
-    with pytest.raises(RuntimeError, match="qkv"):
-        twin.load_state_dict(convert_official_checkpoint(official_mini_state_dict))
+    # The converted dict holds the Linear's (3C, C): a plain strict load_state_dict takes it, into either model.
+    converted = convert_official_checkpoint(official_mini_state_dict)
+    assert converted["stages.0.blocks.0.attn.qkv.weight"].shape == qkv.shape[:2]
+    twin.load_state_dict(converted)
+    DilateFormer(**MINI).load_state_dict(converted)
+
+
+def test_weights_saved_with_the_old_conv_qkv_load_everywhere(tmp_path):
+    """Before MSDA's qkv became a Linear, this project saved its weight as the 1x1 conv's (3C, C, 1, 1); such
+    files load through every path (ours, timm's filter, the trainer's, plain load_state_dict) to the same model."""
+    from dilateformer.models import checkpoint_filter_fn
+    from dilateformer.train.modeling import load_file_into, load_state_into
+
+    torch.manual_seed(0)
+    model = DilateFormer(**MINI).eval()
+    msda = {f"{name}.qkv.weight" for name, m in model.named_modules() if isinstance(m, MultiScaleDilatedAttention)}
+    old = {k: v[..., None, None] if k in msda else v for k, v in model.state_dict().items()}
+    assert len(msda) == 3  # stages 0 and 1
+    path = save_weights(old, tmp_path / "old.safetensors")
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        expected = model(x)
+    loaders = {
+        "load_into": lambda m: load_into(m, load_weights(path)[0]),
+        "load_checkpoint_file": lambda m: load_into(m, load_checkpoint_file(path)),
+        "checkpoint_filter_fn": lambda m: m.load_state_dict(checkpoint_filter_fn(load_weights(path)[0], m)),
+        "load_state_dict": lambda m: m.load_state_dict(load_weights(path)[0]),
+        "train load_file_into": lambda m: load_file_into(m, path),
+        "train load_state_into": lambda m: load_state_into(m, load_weights(path)[0], source=str(path)),
+    }
+    for name, load in loaders.items():
+        torch.manual_seed(1)
+        fresh = DilateFormer(**MINI).eval()
+        load(fresh)
+        with torch.no_grad():
+            assert torch.equal(fresh(x), expected), name

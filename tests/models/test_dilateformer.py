@@ -43,14 +43,9 @@ def test_global_twin_has_the_same_parameter_count(name):
     msda = timm.create_model(name, device="meta")
     twin = timm.create_model(name, device="meta", attn_types=("global",) * 4)
     assert num_params(twin) == num_params(msda)
-    # Same tensors, name for name; only the qkv of the MSDA stages differs in shape (1x1 conv vs Linear).
+    # Same tensors, name for name and shape for shape: MSDA's qkv is a Linear like the global layer's.
     shapes = {k: v.shape for k, v in msda.state_dict().items()}
-    twin_shapes = {k: v.shape for k, v in twin.state_dict().items()}
-    assert shapes.keys() == twin_shapes.keys()
-    differing = {k for k in shapes if shapes[k] != twin_shapes[k]}
-    assert differing and all(
-        k.endswith("attn.qkv.weight") and k.startswith(("stages.0", "stages.1")) for k in differing
-    )
+    assert shapes == {k: v.shape for k, v in twin.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
@@ -124,6 +119,11 @@ def test_drop_path_rises_linearly_to_the_rate():
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.3) and len(rates) == 12
     steps = [b - a for a, b in zip(rates, rates[1:], strict=False)]
     assert all(s == pytest.approx(0.3 / 11) for s in steps)
+    # Exactly the float32 linspace the official code takes, also with an empty stage.
+    assert rates == torch.linspace(0, 0.3, 12).tolist()
+    uneven = DilateFormer(embed_dim=12, depths=(2, 0, 3, 1), drop_path_rate=0.2, device="meta")
+    rates = [getattr(block.drop_path1, "drop_prob", 0.0) for stage in uneven.stages for block in stage.blocks]
+    assert rates == torch.linspace(0, 0.2, 6).tolist()
 
 
 def test_init_linear_truncated_normal_and_zero_bias():
@@ -133,6 +133,12 @@ def test_init_linear_truncated_normal_and_zero_bias():
     assert torch.all(fc1.bias == 0)
     assert fc1.weight.abs().max() < 0.2  # timm's trunc_normal_ cuts at +-2 absolute, i.e. ~never at std 0.02
     assert 0.015 < fc1.weight.std() < 0.025
+    # MSDA's qkv (a Linear) keeps PyTorch's default init, as the official 1x1 conv does; global attention's is
+    # re-set like fc1. Default init: uniform within 1/sqrt(fan_in) = 1/sqrt(24), std 0.118, bias nonzero.
+    msda_qkv, global_qkv = model.stages[0].blocks[0].attn.qkv, model.stages[2].blocks[0].attn.qkv
+    assert isinstance(msda_qkv, nn.Linear) and isinstance(model.stages[0].blocks[0].attn, MultiScaleDilatedAttention)
+    assert msda_qkv.weight.abs().max() <= 24**-0.5 and 0.09 < msda_qkv.weight.std() < 0.15
+    assert msda_qkv.bias.abs().min() > 0 and torch.all(global_qkv.bias == 0)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (17, 45), (48, 80), (33, 32)])
@@ -287,3 +293,20 @@ def test_recomputed_norms_give_the_plain_gradients_and_statistics_and_save_less(
     for (name, a), b in zip(fused.named_buffers(), plain.buffers(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
     assert saved_for_backward_bytes(lambda: fused(x)) < saved_for_backward_bytes(lambda: plain(x))
+
+
+# torch.ao's eager quantization is deprecated in favour of torchao, and still the one that ships with torch.
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_dynamic_quantization_swaps_every_linear_including_msda_qkv():
+    torch.manual_seed(0)
+    model = timm.create_model("dilateformer_nano", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=False)
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    assert isinstance(quantized.stages[0].blocks[0].attn.qkv, dynamic)
+    assert not any(type(m) is nn.Linear for m in quantized.modules())
+    with torch.no_grad():
+        expected, got = model(x), quantized(x)
+    assert not torch.equal(got, expected)
+    assert (got - expected).norm() < 0.05 * expected.norm()

@@ -47,11 +47,15 @@ def test_twin_equals_the_old_construction_and_keeps_custom_kwargs():
     assert twin.stages[0].blocks[0].attn.qkv.weight.shape[0] == 3 * 12  # embed_dim=12 kept, not the variant's 24
     # The weights are model's: where the layers coincide (stem, and the stages that were global already) they agree.
     for key, value in model.state_dict().items():
-        assert torch.equal(twin.state_dict()[key].reshape(value.shape), value), key
+        assert torch.equal(twin.state_dict()[key], value), key
+    # Same names and shapes: a plain, strict load_state_dict gives the same twin.
+    plain = timm.create_model("dilateformer_nano", attn_types=("global",) * 4, **DEMO).eval()
+    plain.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(twin.stem(x), model.stem(x))
         assert not torch.allclose(twin(x), model(x))  # the windowed stages differ, so the logits do
+        assert torch.equal(plain(x), twin(x))
 
 
 def test_twin_of_a_directly_built_model_without_weights():

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
+from torch import nn
 
 from dilateformer.functional import multi_scale_dilated_attention
 from dilateformer.nn import GlobalAttention, MultiScaleDilatedAttention
@@ -10,7 +14,8 @@ from dilateformer.nn import GlobalAttention, MultiScaleDilatedAttention
 def _manual_msda(layer: MultiScaleDilatedAttention, x_nchw: torch.Tensor) -> torch.Tensor:
     """The layer written out with the official conv/linear pieces, to pin the channel order."""
     batch, channels, height, width = x_nchw.shape
-    qkv = torch.nn.functional.conv2d(x_nchw, layer.qkv.weight, layer.qkv.bias)  # (B, 3C, H, W)
+    # The official 1x1 conv, with the Linear's weight as its kernel.
+    qkv = torch.nn.functional.conv2d(x_nchw, layer.qkv.weight[..., None, None], layer.qkv.bias)  # (B, 3C, H, W)
     qkv = qkv.view(batch, 3, layer.num_heads, layer.head_dim, height, width).permute(1, 0, 4, 5, 2, 3)
     out = multi_scale_dilated_attention(*qkv, layer.kernel_size, layer.dilations, backend="reference")
     return layer.proj(out.reshape(batch, height, width, channels)).permute(0, 3, 1, 2)
@@ -35,11 +40,10 @@ def test_both_layouts_give_the_same_result_and_keep_their_layout():
     torch.testing.assert_close(out_nhwc.permute(0, 3, 1, 2), out_nchw, rtol=1e-5, atol=1e-6)
 
 
-def test_parameter_names_and_shapes_match_the_official_keys():
-    shapes = {k: tuple(v.shape) for k, v in MultiScaleDilatedAttention(72, 3).state_dict().items()}
-    assert shapes == {"qkv.weight": (216, 72, 1, 1), "qkv.bias": (216,), "proj.weight": (72, 72), "proj.bias": (72,)}
-    g_shapes = {k: tuple(v.shape) for k, v in GlobalAttention(72, 3).state_dict().items()}
-    assert g_shapes == {"qkv.weight": (216, 72), "qkv.bias": (216,), "proj.weight": (72, 72), "proj.bias": (72,)}
+def test_parameter_names_match_the_official_keys_and_both_layers_share_shapes():
+    expected = {"qkv.weight": (216, 72), "qkv.bias": (216,), "proj.weight": (72, 72), "proj.bias": (72,)}
+    for layer in (MultiScaleDilatedAttention(72, 3), GlobalAttention(72, 3)):
+        assert {k: tuple(v.shape) for k, v in layer.state_dict().items()} == expected
 
 
 def test_wrong_layout_is_caught_with_a_hint():
@@ -140,3 +144,85 @@ def test_graph_mode_refuses_training_with_attention_dropout():
     torch.fx.symbolic_trace(layer.eval())  # in eval mode the dropout does nothing: fine
     with pytest.raises(RuntimeError, match="attn_drop > 0"):
         torch.fx.symbolic_trace(layer.train())
+
+
+class _LowRankDelta(nn.Module):
+    """A LoRA-style wrapper: the wrapped Linear plus ``up @ down`` (not an nn.Linear, as peft's are not)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2) -> None:
+        super().__init__()
+        self.base = base
+        generator = torch.Generator().manual_seed(1)
+        self.down = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) * 0.1)
+        self.up = nn.Parameter(torch.randn(base.out_features, rank, generator=generator) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.down.T @ self.up.T
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_qkv_is_called_as_a_module_hooks_and_wrappers_take_effect(layout):
+    """Float32 CPU inference, where the oneDNN fast path runs: a hook on qkv fires and can change its output, and
+    a LoRA-like replacement of qkv gives the layer with the merged weight."""
+    torch.manual_seed(0)
+    layer = MultiScaleDilatedAttention(24, 3, layout=layout).eval()
+    x = torch.randn(2, 24, 7, 9) if layout == "nchw" else torch.randn(2, 7, 9, 24)
+    with torch.no_grad():
+        plain = layer(x)
+        seen = []
+        handle = layer.qkv.register_forward_hook(lambda module, args, out: seen.append(args[0].shape) or out * 2)
+        hooked = layer(x)
+        handle.remove()
+        assert seen == [(2, 7, 9, 24)]  # channels-last in, whatever the layout
+        assert not torch.allclose(hooked, plain, atol=1e-3)
+
+        merged = MultiScaleDilatedAttention(24, 3, layout=layout).eval()
+        merged.load_state_dict(layer.state_dict())
+        layer.qkv = _LowRankDelta(layer.qkv)
+        merged.qkv.weight += layer.qkv.up @ layer.qkv.down
+        wrapped = layer(x)
+        assert not torch.allclose(wrapped, plain, atol=1e-3)
+        torch.testing.assert_close(wrapped, merged(x), rtol=1e-5, atol=1e-5)
+
+
+# torch.ao's eager quantization is deprecated in favour of torchao, and still the one that ships with torch.
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_dynamic_quantization_replaces_qkv_and_stays_close_to_float():
+    torch.manual_seed(0)
+    layer = MultiScaleDilatedAttention(48, 6).eval()
+    x = torch.randn(2, 48, 8, 8)
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(layer), {nn.Linear}, dtype=torch.qint8)
+    assert isinstance(quantized.qkv, torch.ao.nn.quantized.dynamic.Linear)
+    with torch.no_grad():
+        expected, got = layer(x), quantized(x)
+    assert not torch.equal(got, expected)  # the int8 kernels ran
+    assert (got - expected).norm() < 0.05 * expected.norm()
+
+
+def test_old_conv_qkv_weights_load_and_old_pickles_unpickle():
+    """State dicts and whole pickled modules from before qkv became a Linear (a (3C, C, 1, 1) conv) still work."""
+    torch.manual_seed(0)
+    layer = MultiScaleDilatedAttention(24, 3).eval()
+    x = torch.randn(2, 24, 6, 5)
+    with torch.no_grad():
+        expected = layer(x)
+    old_state = {k: v[..., None, None] if k == "qkv.weight" else v for k, v in layer.state_dict().items()}
+    fresh = MultiScaleDilatedAttention(24, 3).eval()
+    fresh.load_state_dict(old_state)
+    assert old_state["qkv.weight"].dim() == 4  # the caller's dict is left alone
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+
+    old = copy.deepcopy(layer)
+    conv = nn.Conv2d(24, 72, 1).eval()
+    conv.load_state_dict({"weight": old_state["qkv.weight"], "bias": old_state["qkv.bias"]})
+    old._modules["qkv"] = conv  # the module as an older version pickled it
+    payload = pickle.dumps(old)
+    rng = torch.get_rng_state()
+    revived = pickle.loads(payload)
+    assert torch.equal(torch.get_rng_state(), rng)  # unpickling draws nothing from the global generator
+    assert type(revived.qkv) is nn.Linear and revived.qkv.weight.shape == (72, 24)
+    assert not revived.qkv.training
+    with torch.no_grad():
+        assert torch.equal(revived(x), expected)

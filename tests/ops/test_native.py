@@ -3,6 +3,9 @@ kernels, the one-sweep backward over (image, stripe) units, the two-pass clamp b
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +125,54 @@ def test_portable_build_matches_the_tuned_build(monkeypatch):
     monkeypatch.setattr(native, "load_library", lambda: portable)
     for border in ("zero", "clamp"):
         assert_float32_close(*float32_problem((2, 9, 10, 3, 8), 3, (1, 2, 3), border, seed=3))
+
+
+def test_huge_page_advice_stays_inside_the_buffer(monkeypatch):
+    # madvise works on whole pages: advising past either end would change memory that belongs to someone else.
+    calls = []
+
+    class FakeLibc:
+        def madvise(self, start, length, advice):
+            calls.append((start.value, length.value, advice.value))
+            return 0
+
+    monkeypatch.setattr(native, "_libc", FakeLibc())
+    small = torch.empty(1000)
+    assert native._prefer_huge_pages(small) is small and not calls
+    t = torch.empty(3 * 2**20 + 123)  # 12.5 MB: at least five whole 2 MB pages inside, wherever it starts
+    assert native._prefer_huge_pages(t) is t
+    ((start, length, advice),) = calls
+    end = t.data_ptr() + t.numel() * t.element_size()
+    assert advice == native._MADV_HUGEPAGE
+    assert start % native._HUGE_PAGE == 0 and length % native._HUGE_PAGE == 0 and length >= 5 * native._HUGE_PAGE
+    assert t.data_ptr() <= start and start + length <= end and end - (start + length) < native._HUGE_PAGE
+
+
+_REFAULTS = r"""
+import resource, sys, torch
+import dilateformer.ops.native as native
+native.load_library()
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(16 * 2**20).fill_(1.0)  # 64 MB, above glibc's largest dynamic mmap threshold
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[2:]))  # small allocations may split the first freed chunk: steady state from the third on
+"""
+
+
+def test_keeping_large_buffers_mapped_is_an_explicit_opt_in():
+    # A repeated 64 MB buffer faults all its pages again by default (glibc unmapped the last); with the opt-in the
+    # freed heap is reused. Importing and loading the kernels alone must not change the process's allocator.
+    root = Path(__file__).resolve().parents[2]
+
+    def refaults(**env):
+        environ = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", **env}
+        environ.pop("DILATEFORMER_KEEP_BUFFERS", None)
+        environ.update(env)
+        run = subprocess.run([sys.executable, "-c", _REFAULTS], env=environ, capture_output=True, text=True, check=True)
+        return int(run.stdout.split()[-1])
+
+    pages = 64 * 2**20 // 4096
+    assert refaults() > pages // 2
+    assert refaults(DILATEFORMER_KEEP_BUFFERS="1") < pages // 20

@@ -61,7 +61,7 @@ def test_train_retrofit_fine_tunes_and_eval_rebuilds_the_retrofit(tmp_path: Path
     assert "top-1" in capsys.readouterr().out
     from argparse import Namespace
 
-    from dilateformer.train.commands import load_for_inference
+    from dilateformer.train.inference import load_for_inference
 
     model, _ = load_for_inference(Namespace(checkpoint=str(out), model=None), torch.device("cpu"))
     assert isinstance(model.blocks[0].attn, RetrofitAttention) and not isinstance(

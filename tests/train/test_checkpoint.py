@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from dilateformer.errors import CommandError
 from dilateformer.train import checkpoint as ckpt
-from dilateformer.train.errors import CLIError
 
 
 def _save(out: Path, value: float) -> None:
@@ -72,7 +72,7 @@ def test_mismatched_pair_is_refused(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
         _save(tmp_path / name, value)
     os.replace(tmp_path / "b" / "last.state.pt", tmp_path / "a" / "last.state.pt")
-    with pytest.raises(CLIError, match="different saves"):
+    with pytest.raises(CommandError, match="different saves"):
         ckpt.load_last(tmp_path / "a" / "last.safetensors")
 
 

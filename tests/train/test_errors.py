@@ -9,8 +9,9 @@ import timm
 import torch
 
 from dilateformer.cli import main
+from dilateformer.errors import user_message
 from dilateformer.models import save_weights
-from dilateformer.train.data import CorruptImageError, worker_error_message
+from dilateformer.train.data import CorruptImageError
 
 
 def _fails(capsys, *argv: str) -> str:
@@ -58,7 +59,7 @@ def test_worker_error_message_recovers_the_original_line() -> None:
         "Caught CorruptImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
         '  File "x.py", line 1\ndilateformer.train.data.CorruptImageError: cannot read image /a/b.png (boom)\n'
     )
-    assert worker_error_message(wrapped) == "cannot read image /a/b.png (boom)"
+    assert user_message(wrapped) == "cannot read image /a/b.png (boom)"
 
 
 def test_unknown_model_suggests_the_closest(capsys, image_folder: Path, tmp_path: Path) -> None:

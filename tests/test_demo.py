@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dilateformer import demo
 from dilateformer.models import global_twin
-from dilateformer.train import demo
+from tests.train.conftest import _run_cli
 
 
 def test_the_twins_gmacs_grow_faster_than_linearly_and_msdas_linearly() -> None:
@@ -26,9 +27,9 @@ def test_the_twins_gmacs_grow_faster_than_linearly_and_msdas_linearly() -> None:
 
 
 @pytest.mark.slow
-def test_demo_quick(tmp_path: Path, run_cli) -> None:
+def test_demo_quick(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    done = run_cli("demo", "--quick", "--output", str(out), timeout=300)
+    done = _run_cli("demo", "--quick", "--output", str(out), timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip().endswith(str(out.resolve()))
     result = json.loads((out / "demo.json").read_text())
