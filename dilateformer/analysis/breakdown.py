@@ -15,6 +15,7 @@ torch.profiler is not used: it adds per-op overhead and changes compiled timings
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import Counter
@@ -182,6 +183,14 @@ def _conv_groups(record: OpRecord) -> int:
     return int(args[index]) if len(args) > index else 1
 
 
+def _grouped_conv_backward_flops(record: OpRecord) -> int:
+    # torch's FLOP formula for convolution_backward transposes the weight's shape, which for a grouped conv counts
+    # every group against every channel (x groups). Each requested gradient costs what the forward does.
+    grad, weight, mask = record.args[0], record.args[2], record.args[10]
+    forward = 2 * math.prod(grad.shape) * math.prod(weight.shape[1:])
+    return forward * (int(mask[0]) + int(mask[1]))
+
+
 def _materialize(value: Any, generator: torch.Generator) -> Any:
     if isinstance(value, list):
         return [_materialize(v, generator) for v in value]
@@ -249,7 +258,10 @@ def time_ops(
         except (RuntimeError, ValueError, IndexError, TypeError):
             failed += counts[key]
             continue
-        timings.append(OpTiming(record, counts[key], min(times), counter.get_total_flops(), categorize(record)))
+        flops = counter.get_total_flops()
+        if record.name == "convolution_backward" and _conv_groups(record) > 1:
+            flops = _grouped_conv_backward_flops(record)
+        timings.append(OpTiming(record, counts[key], min(times), flops, categorize(record)))
     timings.sort(key=lambda t: -t.total_ms)
     return timings, failed
 
