@@ -38,7 +38,8 @@ def is_symbolic_tracing() -> bool:
 
 
 def onednn_inference_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` may run through oneDNN: eager float32 CPU inference that nothing traces or counts."""
+    """Whether ``x @ weight.T`` may run through oneDNN: eager float32 CPU inference that nothing traces, counts or
+    autocasts."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or _is_fx_tracing():
         return False
     return (
@@ -46,6 +47,7 @@ def onednn_inference_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.is_autocast_enabled("cpu")  # autocast must see F.linear to run it in its dtype
         and torch._C._len_torch_dispatch_stack() == 0
     )
 

@@ -71,3 +71,12 @@ def test_apply_linear_keeps_calling_hooked_and_wrapped_layers():
         shifted = Shifted(8, 6)
         shifted.load_state_dict(layer.state_dict())
         torch.testing.assert_close(apply_linear(shifted, x), expected + 1.0)
+
+
+def test_autocast_runs_the_linear_in_its_dtype():
+    x, weight = torch.randn(2, 8), torch.randn(3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not onednn_inference_applies(x, weight)
+        got = linear(x, weight, None, gelu=True)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), F.gelu(F.linear(x, weight)), rtol=0.05, atol=0.05)
