@@ -27,6 +27,7 @@ from dilateformer.analysis.measure import format_table, gmacs, interleaved_media
 from dilateformer.functional import use_backend
 from dilateformer.models import create_dilateformer, global_twin
 from dilateformer.ops.context import select_backend
+from dilateformer.train.run import fused_kwargs
 
 __all__ = [
     "run_model_benchmark",
@@ -209,7 +210,9 @@ class _Subject:
     def forward_backward(self) -> None:
         """The training step without the optimizer's update."""
         if self.optimizer is None:
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+            # The optimizer `dilateformer train` builds for AdamW: fused where torch has the kernel.
+            kwargs = fused_kwargs("adamw", self.x.device)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **kwargs)
         with use_backend(self.backend):
             self.optimizer.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(self.model(self.x), self.target).backward()

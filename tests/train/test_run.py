@@ -34,3 +34,26 @@ def test_moments_saved_for_a_conv_qkv_step_a_linear_qkv_like_never_changed():
         forward().square().sum().backward()
         opt.step()
     torch.testing.assert_close(linear.weight, conv.weight.flatten(1), rtol=1e-6, atol=1e-6)
+
+
+def test_adamw_from_timm_runs_fused_and_steps_like_the_loop():
+    from timm.optim import create_optimizer_v2
+
+    from dilateformer.train.run import fused_kwargs
+
+    assert fused_kwargs("sgd", torch.device("cpu")) == {} and fused_kwargs("AdamW", torch.device("meta")) == {}
+    torch.manual_seed(0)
+    models = [nn.Linear(6, 3), nn.Linear(6, 3)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused, loop = (
+        create_optimizer_v2(m, opt="adamw", lr=0.01, weight_decay=0.05, **kw)
+        for m, kw in zip(models, (fused_kwargs("adamw", torch.device("cpu")), {}), strict=True)
+    )
+    assert fused.defaults["fused"] and not loop.defaults.get("fused")
+    x = torch.randn(16, 6)
+    for _ in range(3):
+        for model, opt in zip(models, (fused, loop), strict=True):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    torch.testing.assert_close(models[0].weight, models[1].weight, rtol=1e-5, atol=1e-6)
