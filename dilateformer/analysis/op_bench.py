@@ -175,22 +175,25 @@ def run_scaling_sweep(
     return rows
 
 
+# Table heading -> row key, in column order.
+OP_COLUMNS = {
+    "shape": "shape", "impl": "impl", "fwd ms": "forward_ms", "fwd+bwd ms": "forward_backward_ms",
+    "saved MB": "saved_mb", "fwd x": "forward_speedup", "fwd+bwd x": "forward_backward_speedup",
+    "saved/qkvo": "saved_vs_qkvo",
+}  # fmt: skip
+FLOOR_COLUMNS = {
+    "shape": "shape", "floor ms": "floor_ms", "fwd ms": "forward_ms", "fwd/floor": "forward_vs_floor",
+    "fwd+bwd ms": "forward_backward_ms", "fwd+bwd/3 floors": "forward_backward_vs_3_floors", "growth": "growth",
+    "pixels x": "pixel_growth",
+}  # fmt: skip
+
+
+def _rows_table(rows: list[dict], columns: dict[str, str]) -> str:
+    return format_table(list(columns), [[row[key] for key in columns.values()] for row in rows])
+
+
 def format_op_rows(rows: list[dict]) -> str:
-    headers = ["shape", "impl", "fwd ms", "fwd+bwd ms", "saved MB", "fwd x", "fwd+bwd x", "saved/qkvo"]
-    body = [
-        [
-            r["shape"],
-            r["impl"],
-            r["forward_ms"],
-            r["forward_backward_ms"],
-            r["saved_mb"],
-            r["forward_speedup"],
-            r["forward_backward_speedup"],
-            r["saved_vs_qkvo"],
-        ]
-        for r in rows
-    ]
-    return format_table(headers, body)
+    return _rows_table(rows, OP_COLUMNS)
 
 
 def format_sweep_rows(rows: list[dict]) -> str:
@@ -257,18 +260,4 @@ def run_floor_ratios(
 
 
 def format_floor_rows(rows: list[dict]) -> str:
-    headers = ["shape", "floor ms", "fwd ms", "fwd/floor", "fwd+bwd ms", "fwd+bwd/3 floors", "growth", "pixels x"]
-    body = [
-        [
-            r["shape"],
-            r["floor_ms"],
-            r["forward_ms"],
-            r["forward_vs_floor"],
-            r["forward_backward_ms"],
-            r["forward_backward_vs_3_floors"],
-            r["growth"],
-            r["pixel_growth"],
-        ]
-        for r in rows
-    ]
-    return format_table(headers, body)
+    return _rows_table(rows, FLOOR_COLUMNS)
