@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -22,3 +23,9 @@ def autocast_state(device_type: str) -> dict[str, Any]:
         "dtype": torch.get_autocast_dtype(device_type),
         "cache_enabled": torch.is_autocast_cache_enabled(),
     }
+
+
+def autocast_region(state: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """Re-enter an :func:`autocast_state` in a backward. Where it was off, nothing is entered: ``torch.autocast``
+    refuses device types it does not know (``meta``, on which saved bytes and FLOPs are counted) even disabled."""
+    return torch.autocast(**state) if state["enabled"] else contextlib.nullcontext()

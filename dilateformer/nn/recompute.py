@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dilateformer.nn.amp import autocast_state
+from dilateformer.nn.amp import autocast_region, autocast_state
 from dilateformer.nn.linear import linear, runs_own_forward
 
 __all__ = ["gelu_mlp", "batch_norm_gelu", "batch_norm_gelu_applies"]
@@ -43,14 +43,14 @@ class _GeluMlpFunction(torch.autograd.Function):
         normed = x if norm_eps is None else F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, norm_eps)
         # Autograd is off in here, so float32 CPU matmuls may take oneDNN's kernels (up to 6% faster fwd + bwd at
         # stage 3); not under autocast, which would not see them.
-        matmul = F.linear if torch.is_autocast_enabled(x.device.type) else linear
+        matmul = F.linear if ctx.autocast["enabled"] else linear
         hidden = matmul(normed, fc1_weight, fc1_bias)
         ctx.save_for_backward(x, fc1_weight, fc2_weight, hidden, norm_weight, norm_bias)
         return matmul(F.gelu(hidden, approximate=approximate), fc2_weight, fc2_bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        with torch.autocast(**ctx.autocast):
+        with autocast_region(ctx.autocast):
             return _GeluMlpFunction._backward(ctx, grad_out)
 
     @staticmethod
@@ -125,7 +125,7 @@ class _BatchNormGeluFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        with torch.autocast(**ctx.autocast):
+        with autocast_region(ctx.autocast):
             x, weight, bias, mean, invstd = ctx.saved_tensors
             shape = (1, -1) + (1,) * (x.dim() - 2)
             scale = invstd * weight
