@@ -288,7 +288,7 @@ class GlobalAttention(_HeadedAttention):
             x = x.permute(0, 2, 3, 1)
         batch, height, width = x.shape[0], x.shape[1], x.shape[2]
         qkv = self.qkv(x).view(batch, height * width, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = [t.transpose(1, 2) for t in qkv.unbind(2)]
         drop = self.attn_drop.p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, height, width, self.dim)))
@@ -299,7 +299,10 @@ class GlobalAttention(_HeadedAttention):
         x = to_channels_last(x, self.dim, self.layout, type(self).__name__)
         batch, height, width, _ = x.shape
         qkv = apply_linear(self.qkv, x).view(batch, height * width, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, head_dim)
+        # Split first, then transpose: unbind's backward then stacks the SDPA gradients (each (B, N, heads,
+        # head_dim) in memory) straight into the linear's (B, N, 3, heads, head_dim) layout, one copy where
+        # permute-then-unbind took two (a stack, then a clone to undo the permute).
+        q, k, v = [t.transpose(1, 2) for t in qkv.unbind(2)]  # (B, heads, N, head_dim)
         if self._probabilities_requested():
             probs = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(-1))
             out = probs @ v
