@@ -27,7 +27,7 @@ from dilateformer.functional import (
     multi_scale_dilated_attention,
     quiet_at_trace_time,
 )
-from dilateformer.nn.linear import apply_linear, is_symbolic_tracing
+from dilateformer.nn.linear import apply_linear, is_symbolic_tracing, linear_add, runs_own_forward
 from dilateformer.ops.reference import msda_reference
 
 Layout = Literal["nchw", "nhwc"]
@@ -108,6 +108,30 @@ class _HeadedAttention(nn.Module):
         if torch.jit.is_scripting() or is_symbolic_tracing():
             return self._graph_forward(x)
         return self._eager_forward(x)
+
+    @torch.jit.unused
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` (``residual`` in the layer's layout, shaped like the output). In eager float32 CPU
+        inference the addition runs inside the output projection's oneDNN kernel, which saves a pass over the
+        activation; anything else (hooks on the layer, a wrapped ``proj``, graph modes) adds plainly."""
+        if torch.jit.is_scripting() or is_symbolic_tracing() or not runs_own_forward(self, type(self)):
+            return residual + self(x)
+        return self._eager_forward(x, to_channels_last(residual, self.dim, self.layout, type(self).__name__))
+
+    @torch.jit.unused
+    def _project(self, out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """``proj_drop(proj(out))`` (channels-last), plus ``residual`` if given, in the layer's layout."""
+        plain = residual is None or not (
+            runs_own_forward(self.proj, nn.Linear)
+            and runs_own_forward(self.proj_drop, nn.Dropout)
+            and (self.proj_drop.p == 0 or not self.proj_drop.training)
+        )
+        if plain:
+            out = self.proj_drop(apply_linear(self.proj, out))
+            out = out if residual is None else residual + out
+        else:
+            out = linear_add(out, self.proj.weight, self.proj.bias, residual)
+        return from_channels_last(out, self.layout)
 
     @torch.jit.unused
     def _probabilities_requested(self) -> bool:
@@ -224,7 +248,7 @@ class MultiScaleDilatedAttention(_HeadedAttention):
         return out.permute(0, 3, 1, 2) if self.layout == "nchw" else out
 
     @torch.jit.unused
-    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _eager_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         x = to_channels_last(x, self.dim, self.layout, type(self).__name__)
         batch, height, width, _ = x.shape
         # Channels-last, the heads come out of the projection contiguous.
@@ -252,8 +276,7 @@ class MultiScaleDilatedAttention(_HeadedAttention):
                 border=self.border,
                 backend=self.backend,
             )
-        out = self.proj_drop(apply_linear(self.proj, out.reshape(batch, height, width, self.dim)))
-        return from_channels_last(out, self.layout)
+        return self._project(out.reshape(batch, height, width, self.dim), residual)
 
 
 class GlobalAttention(_HeadedAttention):
@@ -288,23 +311,27 @@ class GlobalAttention(_HeadedAttention):
             x = x.permute(0, 2, 3, 1)
         batch, height, width = x.shape[0], x.shape[1], x.shape[2]
         qkv = self.qkv(x).view(batch, height * width, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.unbind(2)  # split before transposing: see _eager_forward
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         drop = self.attn_drop.p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, height, width, self.dim)))
         return out.permute(0, 3, 1, 2) if self.layout == "nchw" else out
 
     @torch.jit.unused
-    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _eager_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         x = to_channels_last(x, self.dim, self.layout, type(self).__name__)
         batch, height, width, _ = x.shape
         qkv = apply_linear(self.qkv, x).view(batch, height * width, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, head_dim)
+        # Split first, then transpose: unbind's backward then stacks the SDPA gradients (each (B, N, heads,
+        # head_dim) in memory) straight into the linear's (B, N, 3, heads, head_dim) layout, one copy where
+        # permute-then-unbind took two (a stack, then a clone to undo the permute).
+        q, k, v = qkv.unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N, head_dim)
         if self._probabilities_requested():
             probs = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(-1))
             out = probs @ v
         else:
             drop = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
-        out = out.transpose(1, 2).reshape(batch, height, width, self.dim)
-        return from_channels_last(self.proj_drop(apply_linear(self.proj, out)), self.layout)
+        return self._project(out.transpose(1, 2).reshape(batch, height, width, self.dim), residual)

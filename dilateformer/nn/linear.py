@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import _symbolic_trace
 
-__all__ = ["is_symbolic_tracing", "onednn_inference_applies", "runs_own_forward", "linear", "apply_linear"]
+__all__ = [
+    "is_symbolic_tracing",
+    "onednn_inference_applies",
+    "runs_own_forward",
+    "linear",
+    "linear_add",
+    "apply_linear",
+]
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 # Newer PyTorch warns when is_fx_tracing is called outside a trace and offers this narrower, silent check.
@@ -67,6 +74,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     out = F.linear(x, weight, bias)
     return F.gelu(out) if gelu else out
+
+
+def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+    """``other + F.linear(x, weight, bias)``; one oneDNN kernel (the addition a post-op of the matmul, so the sum is
+    written once instead of the linear's output written, read back and added) where it applies."""
+    same = other.shape == x.shape[:-1] + weight.shape[:1] and other.dtype == x.dtype  # no broadcast, no promotion
+    if same and onednn_inference_applies(x, weight):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "add")
+    return other + F.linear(x, weight, bias)
 
 
 def apply_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

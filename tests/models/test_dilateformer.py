@@ -295,6 +295,71 @@ def test_recomputed_norms_give_the_plain_gradients_and_statistics_and_save_less(
     assert saved_for_backward_bytes(lambda: fused(x)) < saved_for_backward_bytes(lambda: plain(x))
 
 
+def _plain_block(block, x):
+    """DilateBlock's computation written with its modules one after another, none of the fused paths."""
+    from dilateformer.models.dilateformer import BlockMlp
+
+    x = (x + block.pos_embed(x)).permute(0, 2, 3, 1)
+    x = x + block.drop_path1(block.attn(block.norm1(x)))
+    x = x + block.drop_path2(super(BlockMlp, block.mlp).forward(block.norm2(x)))
+    return x.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("attn_type", ["msda", "global"])
+def test_block_fused_paths_match_the_plain_block(attn_type):
+    """Eval (the residuals inside oneDNN's proj and fc2, the position encoding folded into its conv) in float32
+    against the plain block in float64; training with DropPath (addcmul, same random draws) in float64, gradients
+    included, saving no more for backward."""
+    from dilateformer.analysis.measure import saved_for_backward_bytes
+    from dilateformer.models.dilateformer import DilateBlock
+
+    torch.manual_seed(0)
+    block = DilateBlock(24, 3, attn_type=attn_type, drop_path=0.5).eval()
+    x = torch.randn(4, 24, 6, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = block(x)
+        expected = _plain_block(block.double(), x.double())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    block.train()
+    x64 = x.double().requires_grad_()
+    grad = torch.randn_like(x64)
+    results = []
+    for forward in (block, lambda t: _plain_block(block, t)):
+        block.zero_grad()
+        x64.grad = None
+        torch.manual_seed(1)
+        out = forward(x64)
+        out.backward(grad)
+        results.append([out, x64.grad, *(p.grad for p in block.parameters())])
+    for fused, plain in zip(*results, strict=True):
+        torch.testing.assert_close(fused, plain)
+    assert saved_for_backward_bytes(lambda: block(x64)) <= saved_for_backward_bytes(lambda: _plain_block(block, x64))
+
+
+def test_inference_stem_and_downsamples_fold_their_batch_norms():
+    """Eval-mode conv + BN (+ GELU) run as one oneDNN conv each in float32 and match the float64 model, which runs
+    the modules plainly; running statistics far from the identity so that a wrong fold shows."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    model = create_dilateformer("dilateformer_nano").eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_(1.0, 0.3)
+                module.bias.normal_()
+        x = torch.randn(2, 3, 48, 40)
+        with profile() as prof:
+            got = model(x)
+        expected = model.double()(x.double())
+    convs = [event for event in prof.events() if event.name == "mkldnn::_convolution_pointwise"]
+    assert len(convs) >= 3 + 3  # the stem's three conv + BN + GELU, and the three downsamples
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
 # torch.ao's eager quantization is deprecated in favour of torchao, and still the one that ships with torch.
 @pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")

@@ -139,6 +139,29 @@ def test_layers_script_and_trace_to_the_eager_result(cls, layout):
     assert ("dilateformer.msda_forward" in targets) == (cls is MultiScaleDilatedAttention)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("cls", [MultiScaleDilatedAttention, GlobalAttention])
+def test_forward_residual_is_the_sum_and_keeps_calling_hooks(cls, layout):
+    torch.manual_seed(0)
+    layer = cls(24, 3, layout=layout).eval()
+    shape = (2, 24, 7, 9) if layout == "nchw" else (2, 7, 9, 24)
+    x, residual = torch.randn(shape), torch.randn(shape)
+    with torch.no_grad():
+        expected = residual.double() + layer.double()(x.double())
+        layer.float()
+        got = layer.forward_residual(x, residual)  # float32 inference: the sum inside proj's oneDNN kernel
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+        calls = []
+        handle = layer.proj.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+        torch.testing.assert_close(layer.forward_residual(x, residual), got, rtol=1e-6, atol=1e-6)
+        handle.remove()
+    assert len(calls) == 1
+    layer.train()
+    out = layer.forward_residual(x, residual.requires_grad_())
+    out.sum().backward()
+    torch.testing.assert_close(residual.grad, torch.ones_like(residual))
+
+
 def test_graph_mode_refuses_training_with_attention_dropout():
     layer = MultiScaleDilatedAttention(24, 3, attn_drop=0.1)
     torch.fx.symbolic_trace(layer.eval())  # in eval mode the dropout does nothing: fine

@@ -7,7 +7,7 @@ from torch import nn
 from torch.profiler import profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from dilateformer.nn.linear import apply_linear, linear, onednn_inference_applies
+from dilateformer.nn.linear import apply_linear, linear, linear_add, onednn_inference_applies
 
 ONEDNN_OP = "mkldnn::_linear_pointwise"
 
@@ -40,6 +40,26 @@ def test_linear_equals_f_linear_and_uses_onednn_only_in_inference(gelu, bias):
         with FlopCounterMode(display=False) as counter:
             linear(x, weight, b, gelu=gelu)
     assert counter.get_total_flops() == 2 * 105 * 24 * 40
+
+
+def test_linear_add_fuses_the_sum_in_inference_only():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 7, 24, generator=generator)
+    weight, bias = torch.randn(40, 24, generator=generator), torch.randn(40, generator=generator)
+    # A channels-last NCHW map seen as NHWC, as the blocks pass their residual.
+    other = torch.randn(2, 40, 5, 7, generator=generator).contiguous(memory_format=torch.channels_last)
+    other = other.permute(0, 2, 3, 1)
+    expected = other.double() + F.linear(x.double(), weight.double(), bias.double())
+    with torch.no_grad():
+        got, names = _ops(lambda: linear_add(x, weight, bias, other))
+        assert ("mkldnn::_linear_pointwise" in names) == torch.backends.mkldnn.is_available()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+        # A broadcast addend is not the post-op's shape: the plain sum.
+        got, names = _ops(lambda: linear_add(x, weight, None, bias))
+        assert ONEDNN_OP not in names
+        torch.testing.assert_close(got, bias + F.linear(x, weight))
+    got, names = _ops(lambda: linear_add(x, weight.requires_grad_(), bias, other))
+    assert ONEDNN_OP not in names and got.requires_grad
 
 
 def test_compiling_and_tracing_never_take_the_onednn_path():
