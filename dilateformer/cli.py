@@ -4,6 +4,10 @@ This is the one place that turns a user's mistake into one line on stderr and ex
 :class:`~dilateformer.errors.CommandError` from command code, a ``ValueError``/``TypeError`` from a library
 function's argument check, or an ``OSError`` (a missing file, a full disk). Set ``DILATEFORMER_TRACEBACK=1`` to
 see the traceback instead.
+
+The command line owns its process, so before a command runs it keeps freed large buffers mapped
+(:func:`dilateformer.ops.native.keep_large_buffers_mapped`): each step of a model then reuses pages instead of
+faulting fresh ones. ``DILATEFORMER_KEEP_BUFFERS=0`` leaves glibc's defaults alone.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    if os.environ.get("DILATEFORMER_KEEP_BUFFERS", "") != "0":
+        from dilateformer.ops import native  # torch is loaded by then: every command runs it
+
+        native.keep_large_buffers_mapped()
     return run_command(args)
 
 

@@ -105,3 +105,20 @@ def test_no_command_module_defines_its_own_guard_or_error_type() -> None:
         and re.search(r"^\s*(def _guarded|class \w+Error\(Exception\))", path.read_text(), re.M)
     ]
     assert not offenders
+
+
+@pytest.mark.parametrize(("env", "kept"), [(None, True), ("1", True), ("0", False)])
+def test_a_command_keeps_large_buffers_mapped_unless_told_not_to(monkeypatch, env, kept) -> None:
+    from dilateformer.ops import native
+
+    calls = []
+    monkeypatch.setattr(native, "keep_large_buffers_mapped", lambda: calls.append("kept") or True)
+    if env is None:
+        monkeypatch.delenv("DILATEFORMER_KEEP_BUFFERS", raising=False)
+    else:
+        monkeypatch.setenv("DILATEFORMER_KEEP_BUFFERS", env)
+    parser = argparse.ArgumentParser(prog="dilateformer")
+    parser.add_subparsers(dest="command").add_parser("probe").set_defaults(func=lambda args: calls.append("ran"))
+    monkeypatch.setattr("dilateformer.cli.build_parser", lambda: parser)
+    assert main(["probe"]) == 0
+    assert calls == (["kept", "ran"] if kept else ["ran"])
