@@ -8,13 +8,16 @@ official-style model (the official architecture with unfold MSDA, same weights) 
 python benchmarks/bench_model.py --threads 2           # Tiny, its global twin, the official-style model, floors
 python benchmarks/bench_model.py --threads 2 --no-twin --no-official --repeats 3    # Tiny and its floors only
 python benchmarks/bench_model.py --msda-backends auto eager --no-compile --no-floors
+python benchmarks/bench_model.py --threads 2 --keep-buffers   # the allocator setting the dilateformer CLI runs with
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from dilateformer.analysis.model_bench import format_model_benchmark, run_model_benchmark
+from dilateformer.ops import native
 
 
 def main() -> None:
@@ -31,7 +34,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-floors", action="store_true", help="skip the GEMM and attainable floor rows")
+    parser.add_argument(
+        "--keep-buffers",
+        action="store_true",
+        help="keep freed large buffers mapped, as the dilateformer CLI does (native.keep_large_buffers_mapped)",
+    )
     args = parser.parse_args()
+    if args.keep_buffers or os.environ.get("DILATEFORMER_KEEP_BUFFERS") == "1":
+        print("allocator: freed large buffers kept mapped:", native.keep_large_buffers_mapped())
+    else:
+        print("allocator: glibc defaults (freed buffers over 32 MB, and a trimmed heap top, go back to the OS)")
     rows = run_model_benchmark(
         models=args.models,
         batch_size=args.batch_size,
