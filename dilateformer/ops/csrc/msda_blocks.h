@@ -70,42 +70,35 @@ static inline __m256 log8(__m256 x) {
     return _mm256_blendv_ps(result, input, _mm256_cmp_ps(input, input, _CMP_UNORD_Q));
 }
 
-/* v[0..7] -> one vector whose lane j is the sum of v[j]'s lanes. */
-static inline __m256 lane_sums8(const __m256 *v) {
-    const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
-    const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-/* Window pointers of a block of `count` queries starting at (b, y, x0), head group g, for two tensors at once: per
- * slot and lane, (k*k, 8), the key's pixel in `first` and `second` (head offset not included), or `zeros` where
- * there is no real key and for lanes >= count. bias is -inf for the slots that border "clamp" leaves out of the
- * softmax, else 0. */
-ALWAYS_INLINE void block_window(const problem_t *p, int64_t b, int64_t y, int64_t x0, int64_t count, int64_t g,
-                                const float *first, int64_t first_stride, const float **first_at, const float *second,
-                                int64_t second_stride, const float **second_at, const float *zeros, float *bias) {
+/* Window pointers of a block of `count` queries starting at (b, y, x0), head group g, for two tensors at once (head
+ * offset not included). Where every key of the block is real and a pure shift of its query (count == 8, window
+ * inside the image), returns 1 with one pointer per slot in `first_at` / `second_at`, lane 0's key: lane j's is j
+ * pixels further (see block_slot). Else returns 0 with a (k*k, 8) table per tensor: per slot and lane, the key's
+ * pixel, or `zeros` where there is no real key and for lanes >= count; bias is then -inf for the slots that border
+ * "clamp" leaves out of the softmax, else 0. */
+ALWAYS_INLINE int block_window(const problem_t *p, int64_t b, int64_t y, int64_t x0, int64_t count, int64_t g,
+                               const float *first, int64_t first_stride, const float **first_at, const float *second,
+                               int64_t second_stride, const float **second_at, const float *zeros, float *bias) {
     const int64_t ks = p->kernel_size, radius = (ks - 1) / 2, width = p->width, dilation = p->dilations[g];
     const int64_t *rows = p->rows + (g * p->height + y) * ks;
     const uint8_t *row_valid = p->row_valid + (g * p->height + y) * ks;
     int rows_inside = 1;
     for (int64_t a = 0; a < ks; a++) rows_inside &= row_valid[a] && rows[a] == y + (a - radius) * dilation;
-    const int interior = rows_inside && count == BLOCK_LANES && x0 - radius * dilation >= 0 &&
-                         x0 + BLOCK_LANES - 1 + radius * dilation < width;
+    if (rows_inside && count == BLOCK_LANES && x0 - radius * dilation >= 0 &&
+        x0 + BLOCK_LANES - 1 + radius * dilation < width) {
+        for (int64_t a = 0; a < ks; a++) {
+            const int64_t start = (b * p->height + rows[a]) * width + x0 - radius * dilation;
+            for (int64_t c = 0; c < ks; c++) {
+                first_at[a * ks + c] = first + (start + c * dilation) * first_stride;
+                second_at[a * ks + c] = second + (start + c * dilation) * second_stride;
+            }
+        }
+        return 1;
+    }
     for (int64_t a = 0; a < ks; a++) {
         const int64_t row_start = (b * p->height + rows[a]) * width;
         for (int64_t c = 0; c < ks; c++) {
             const int64_t s = a * ks + c;
-            if (interior) {
-                /* Every key is real and a pure shift of its query: pointers step by one pixel across the lanes. */
-                const int64_t start = row_start + x0 + (c - radius) * dilation;
-                for (int64_t j = 0; j < BLOCK_LANES; j++) {
-                    first_at[s * BLOCK_LANES + j] = first + (start + j) * first_stride;
-                    second_at[s * BLOCK_LANES + j] = second + (start + j) * second_stride;
-                    bias[s * BLOCK_LANES + j] = 0.0f;
-                }
-                continue;
-            }
             for (int64_t j = 0; j < BLOCK_LANES; j++) {
                 const int inside = j < count;
                 const int64_t at = (g * width + (inside ? x0 + j : x0)) * ks + c;
@@ -117,39 +110,77 @@ ALWAYS_INLINE void block_window(const problem_t *p, int64_t b, int64_t y, int64_
             }
         }
     }
+    return 0;
 }
 
-/* Sum over the block's lanes j of the k*k products a_j . b_{s,j}, as k*k vectors indexed by lane, where a_j is the
- * head's vector at query j (or zeros past `count`) and b_{s,j} = b_at[s][j] + h * hd the one of slot s's key. */
-ALWAYS_INLINE void block_products(const problem_t *p, const float *a, int64_t a_stride, const float *const *b_at,
-                                  int64_t row, int64_t x0, int64_t count, int64_t h, const float *zeros,
-                                  __m256 *products, const int64_t window, const int64_t hd) {
-    __m256 partial[window][BLOCK_LANES];
-    for (int64_t j = 0; j < BLOCK_LANES; j++) {
-        const float *aj = j < count ? a + (row * p->width + x0 + j) * a_stride + h * hd : zeros;
-        __m256 av[hd / BLOCK_LANES];
-        for (int64_t c = 0; c < hd / BLOCK_LANES; c++) av[c] = _mm256_loadu_ps(aj + c * BLOCK_LANES);
-        for (int64_t s = 0; s < window; s++) {
-            const float *bs = b_at[s * BLOCK_LANES + j] + h * hd;
-            __m256 acc = _mm256_mul_ps(av[0], _mm256_loadu_ps(bs));
-            for (int64_t c = 1; c < hd / BLOCK_LANES; c++)
-                acc = _mm256_fmadd_ps(av[c], _mm256_loadu_ps(bs + c * BLOCK_LANES), acc);
-            partial[s][j] = acc;
+/* Lane j's key of slot s from block_window's pointers (`stride`: elements between pixels). */
+ALWAYS_INLINE const float *block_slot(const float *const *at, int64_t stride, const int shifted, int64_t s,
+                                      int64_t j) {
+    return shifted ? at[s] + j * stride : at[s * BLOCK_LANES + j];
+}
+
+/* One pair of lanes (2 * pair, 2 * pair + 1) of block_products. Per slot, the transpose-and-add of the 8 lanes'
+ * partial sums is a tree of horizontal adds: each pair's two sums are folded into it as soon as they exist, so only
+ * two vectors per slot stay live between pairs (registers, where 8 lanes' partial sums per slot would spill). */
+ALWAYS_INLINE void block_pair_products(const problem_t *p, const float *a, int64_t a_stride, const float *const *b_at,
+                                       int64_t b_stride, const int shifted, int64_t row, int64_t x0, int64_t count,
+                                       int64_t h, const float *zeros, const int pair, __m256 *low, __m256 *high,
+                                       __m256 *products, const int64_t window, const int64_t hd) {
+    const int64_t j0 = 2 * pair, j1 = j0 + 1, chunks = hd / BLOCK_LANES;
+    const float *a0 = j0 < count ? a + (row * p->width + x0 + j0) * a_stride + h * hd : zeros;
+    const float *a1 = j1 < count ? a + (row * p->width + x0 + j1) * a_stride + h * hd : zeros;
+    __m256 v0[chunks], v1[chunks];
+    for (int64_t c = 0; c < chunks; c++) {
+        v0[c] = _mm256_loadu_ps(a0 + c * BLOCK_LANES);
+        v1[c] = _mm256_loadu_ps(a1 + c * BLOCK_LANES);
+    }
+    for (int64_t s = 0; s < window; s++) {
+        const float *b0 = block_slot(b_at, b_stride, shifted, s, j0) + h * hd;
+        const float *b1 = block_slot(b_at, b_stride, shifted, s, j1) + h * hd;
+        __m256 acc0 = _mm256_mul_ps(v0[0], _mm256_loadu_ps(b0)), acc1 = _mm256_mul_ps(v1[0], _mm256_loadu_ps(b1));
+        for (int64_t c = 1; c < chunks; c++) {
+            acc0 = _mm256_fmadd_ps(v0[c], _mm256_loadu_ps(b0 + c * BLOCK_LANES), acc0);
+            acc1 = _mm256_fmadd_ps(v1[c], _mm256_loadu_ps(b1 + c * BLOCK_LANES), acc1);
+        }
+        const __m256 sums = _mm256_hadd_ps(acc0, acc1);
+        if (pair == 0) low[s] = sums;
+        if (pair == 1) low[s] = _mm256_hadd_ps(low[s], sums);
+        if (pair == 2) high[s] = sums;
+        if (pair == 3) {
+            const __m256 both = _mm256_hadd_ps(high[s], sums);
+            products[s] = _mm256_add_ps(_mm256_permute2f128_ps(low[s], both, 0x20),
+                                        _mm256_permute2f128_ps(low[s], both, 0x31));
         }
     }
-    for (int64_t s = 0; s < window; s++) products[s] = lane_sums8(partial[s]);
+}
+
+/* The k*k products a_j . b_{s,j} of the block, as k*k vectors indexed by lane j, where a_j is the head's vector at
+ * query j (or zeros past `count`) and b_{s,j} = block_slot(b_at, ..., s, j) + h * hd the one of slot s's key. */
+ALWAYS_INLINE void block_products(const problem_t *p, const float *a, int64_t a_stride, const float *const *b_at,
+                                  int64_t b_stride, const int shifted, int64_t row, int64_t x0, int64_t count,
+                                  int64_t h, const float *zeros, __m256 *products, const int64_t window,
+                                  const int64_t hd) {
+    __m256 low[window], high[window];
+#define PAIR(n)                                                                                                     \
+    block_pair_products(p, a, a_stride, b_at, b_stride, shifted, row, x0, count, h, zeros, n, low, high, products,  \
+                        window, hd)
+    PAIR(0);
+    PAIR(1);
+    PAIR(2);
+    PAIR(3);
+#undef PAIR
 }
 
 /* dst (pixel stride dst_stride, head offset h*hd) of lane j < count = sum over slots of weight[s][j] *
- * (src_at[s][j] + h * hd). */
+ * (block_slot(src_at, ..., s, j) + h * hd). */
 ALWAYS_INLINE void block_weighted_sums(const problem_t *p, float *dst, int64_t dst_stride, const float *const *src_at,
-                                       int64_t row, int64_t x0, int64_t count, int64_t h, const float *weight,
-                                       const int64_t window, const int64_t hd) {
+                                       int64_t src_stride, const int shifted, int64_t row, int64_t x0, int64_t count,
+                                       int64_t h, const float *weight, const int64_t window, const int64_t hd) {
     for (int64_t j = 0; j < count; j++) {
         __m256 acc[hd / BLOCK_LANES];
         for (int64_t c = 0; c < hd / BLOCK_LANES; c++) acc[c] = _mm256_setzero_ps();
         for (int64_t s = 0; s < window; s++) {
-            const float *vs = src_at[s * BLOCK_LANES + j] + h * hd;
+            const float *vs = block_slot(src_at, src_stride, shifted, s, j) + h * hd;
             const __m256 w = _mm256_broadcast_ss(weight + s * BLOCK_LANES + j);
             for (int64_t c = 0; c < hd / BLOCK_LANES; c++)
                 acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + c * BLOCK_LANES), acc[c]);
@@ -159,50 +190,75 @@ ALWAYS_INLINE void block_weighted_sums(const problem_t *p, float *dst, int64_t d
     }
 }
 
+#ifndef BLOCKS_PREFETCH
+#define BLOCKS_PREFETCH 1
+#endif
+
 /* Asks for the block's q one image row later and its k and v `ahead` rows beyond that: the rows the sweep will
  * first read on the next row. */
 ALWAYS_INLINE void block_prefetch(const problem_t *p, const float *q, const float *k, const float *v, int64_t r,
                                   int64_t x0, int64_t count, int64_t ahead) {
+#if BLOCKS_PREFETCH == 1
     const int64_t next = (r + 1) * p->width + x0, limit = p->batch * p->height * p->width;
     FN(prefetch_pixels)(q, p->q_stride, next, count, limit);
     FN(prefetch_pixels)(k, p->k_stride, next + ahead * p->width, count, limit);
     FN(prefetch_pixels)(v, p->v_stride, next + ahead * p->width, count, limit);
+#elif BLOCKS_PREFETCH == 2
+    const int64_t next = (r + 1) * p->width + x0, limit = p->batch * p->height * p->width;
+    FN(prefetch_pixels)(k, p->k_stride, next + ahead * p->width, count, limit);
+    FN(prefetch_pixels)(v, p->v_stride, next + ahead * p->width, count, limit);
+#else
+    (void)p, (void)q, (void)k, (void)v, (void)r, (void)x0, (void)count, (void)ahead;
+#endif
+}
+
+/* Forward of one head of a block: out and lse of its lanes < count. */
+ALWAYS_INLINE void block_forward_head(const problem_t *p, const float *q, const float *const *k_at,
+                                      const float *const *v_at, const int shifted, const float *bias, float *out,
+                                      float *lse, int64_t r, int64_t x0, int64_t count, int64_t h, const float *zeros,
+                                      const int64_t window, const int64_t hd) {
+    const __m256 scale = _mm256_set1_ps((float)p->scale);
+    __m256 logit[window];
+    float prob[window * BLOCK_LANES], block_lse[BLOCK_LANES];
+    block_products(p, q, p->q_stride, k_at, p->k_stride, shifted, r, x0, count, h, zeros, logit, window, hd);
+    __m256 top = _mm256_set1_ps(-INFINITY), total = _mm256_setzero_ps();
+    for (int64_t s = 0; s < window; s++) {
+        logit[s] = shifted ? _mm256_mul_ps(logit[s], scale)
+                           : _mm256_fmadd_ps(logit[s], scale, _mm256_loadu_ps(bias + s * BLOCK_LANES));
+        top = _mm256_max_ps(top, logit[s]);
+    }
+    for (int64_t s = 0; s < window; s++) {
+        logit[s] = exp8(_mm256_sub_ps(logit[s], top));
+        total = _mm256_add_ps(total, logit[s]);
+    }
+    const __m256 inverse = _mm256_div_ps(_mm256_set1_ps(1.0f), total);
+    for (int64_t s = 0; s < window; s++) _mm256_storeu_ps(prob + s * BLOCK_LANES, _mm256_mul_ps(logit[s], inverse));
+    _mm256_storeu_ps(block_lse, _mm256_add_ps(top, log8(total)));
+    block_weighted_sums(p, out, p->heads * hd, v_at, p->v_stride, shifted, r, x0, count, h, prob, window, hd);
+    for (int64_t j = 0; j < count; j++) lse[(r * p->width + x0 + j) * p->heads + h] = block_lse[j];
 }
 
 ALWAYS_INLINE void blocks_forward_rows(const problem_t *p, const float *q, const float *k, const float *v, float *out,
                                        float *lse, int64_t row_begin, int64_t row_end, const int64_t window,
                                        const int64_t hd) {
-    const int64_t per_group = p->heads / p->groups, row_pixels = p->heads * hd;
+    const int64_t per_group = p->heads / p->groups;
     const int64_t ahead = (p->kernel_size - 1) / 2 * FN(max_dilation)(p);
-    const __m256 scale = _mm256_set1_ps((float)p->scale);
     float *zeros = calloc(p->heads * hd, sizeof(float));
     const float *k_at[window * BLOCK_LANES], *v_at[window * BLOCK_LANES];
-    float bias[window * BLOCK_LANES], prob[window * BLOCK_LANES], block_lse[BLOCK_LANES];
-    __m256 logit[window];
+    float bias[window * BLOCK_LANES];
     for (int64_t r = row_begin; r < row_end; r++) {
         const int64_t b = r / p->height, y = r % p->height;
         for (int64_t x0 = 0; x0 < p->width; x0 += BLOCK_LANES) {
             const int64_t count = p->width - x0 < BLOCK_LANES ? p->width - x0 : BLOCK_LANES;
             block_prefetch(p, q, k, v, r, x0, count, ahead);
             for (int64_t g = 0; g < p->groups; g++) {
-                block_window(p, b, y, x0, count, g, k, p->k_stride, k_at, v, p->v_stride, v_at, zeros, bias);
+                const int shifted =
+                    block_window(p, b, y, x0, count, g, k, p->k_stride, k_at, v, p->v_stride, v_at, zeros, bias);
                 for (int64_t h = g * per_group; h < (g + 1) * per_group; h++) {
-                    block_products(p, q, p->q_stride, k_at, r, x0, count, h, zeros, logit, window, hd);
-                    __m256 top = _mm256_set1_ps(-INFINITY), total = _mm256_setzero_ps();
-                    for (int64_t s = 0; s < window; s++) {
-                        logit[s] = _mm256_fmadd_ps(logit[s], scale, _mm256_loadu_ps(bias + s * BLOCK_LANES));
-                        top = _mm256_max_ps(top, logit[s]);
-                    }
-                    for (int64_t s = 0; s < window; s++) {
-                        logit[s] = exp8(_mm256_sub_ps(logit[s], top));
-                        total = _mm256_add_ps(total, logit[s]);
-                    }
-                    const __m256 inverse = _mm256_div_ps(_mm256_set1_ps(1.0f), total);
-                    for (int64_t s = 0; s < window; s++)
-                        _mm256_storeu_ps(prob + s * BLOCK_LANES, _mm256_mul_ps(logit[s], inverse));
-                    _mm256_storeu_ps(block_lse, _mm256_add_ps(top, log8(total)));
-                    block_weighted_sums(p, out, row_pixels, v_at, r, x0, count, h, prob, window, hd);
-                    for (int64_t j = 0; j < count; j++) lse[(r * p->width + x0 + j) * p->heads + h] = block_lse[j];
+                    if (shifted)
+                        block_forward_head(p, q, k_at, v_at, 1, bias, out, lse, r, x0, count, h, zeros, window, hd);
+                    else
+                        block_forward_head(p, q, k_at, v_at, 0, bias, out, lse, r, x0, count, h, zeros, window, hd);
                 }
             }
         }
@@ -210,51 +266,75 @@ ALWAYS_INLINE void blocks_forward_rows(const problem_t *p, const float *q, const
     free(zeros);
 }
 
-/* Backward, first pass. The softmax's delta (sum over the window of p * dp) equals grad_out . out, so out is not
- * read. */
+/* Backward, first pass, of one head of a block. The softmax's delta (sum over the window of p * dp) equals
+ * grad_out . out, so out is not read. */
+ALWAYS_INLINE void block_backward_head(const problem_t *p, const float *grad_out, const float *q,
+                                       const float *const *k_at, const float *const *v_at, const int shifted,
+                                       const float *bias, const float *lse, float *grad_q, float *row_probs,
+                                       float *row_dlogits, int64_t r, int64_t x0, int64_t count, int64_t h,
+                                       const float *zeros, const int64_t window, const int64_t hd) {
+    const __m256 scale = _mm256_set1_ps((float)p->scale);
+    __m256 logit[window], dprob[window];
+    float dlogit[window * BLOCK_LANES], block_lse[BLOCK_LANES];
+    block_products(p, q, p->q_stride, k_at, p->k_stride, shifted, r, x0, count, h, zeros, logit, window, hd);
+    block_products(p, grad_out, p->heads * hd, v_at, p->v_stride, shifted, r, x0, count, h, zeros, dprob, window,
+                   hd);
+    for (int64_t j = 0; j < BLOCK_LANES; j++)
+        block_lse[j] = j < count ? lse[(r * p->width + x0 + j) * p->heads + h] : 0.0f;
+    const __m256 row_lse = _mm256_loadu_ps(block_lse);
+    __m256 delta = _mm256_setzero_ps();
+    for (int64_t s = 0; s < window; s++) {
+        logit[s] = shifted ? _mm256_mul_ps(logit[s], scale)
+                           : _mm256_fmadd_ps(logit[s], scale, _mm256_loadu_ps(bias + s * BLOCK_LANES));
+        logit[s] = exp8(_mm256_sub_ps(logit[s], row_lse));
+        delta = _mm256_fmadd_ps(logit[s], dprob[s], delta);
+    }
+    for (int64_t s = 0; s < window; s++) {
+        const __m256 dl = _mm256_mul_ps(_mm256_mul_ps(logit[s], _mm256_sub_ps(dprob[s], delta)), scale);
+        _mm256_storeu_ps(dlogit + s * BLOCK_LANES, dl);
+        const int64_t at = FN(slot_index)(p, h, s, x0);
+        if (count == BLOCK_LANES) {
+            _mm256_storeu_ps(row_probs + at, logit[s]);
+            _mm256_storeu_ps(row_dlogits + at, dl);
+        } else {
+            float prob[BLOCK_LANES];
+            _mm256_storeu_ps(prob, logit[s]);
+            memcpy(row_probs + at, prob, count * sizeof(float));
+            memcpy(row_dlogits + at, dlogit + s * BLOCK_LANES, count * sizeof(float));
+        }
+    }
+    if (grad_q)
+        block_weighted_sums(p, grad_q, p->heads * hd, k_at, p->k_stride, shifted, r, x0, count, h, dlogit, window,
+                            hd);
+}
+
 ALWAYS_INLINE void blocks_backward_query_rows(const problem_t *p, const float *grad_out, const float *q,
                                               const float *k, const float *v, const float *lse, float *grad_q,
                                               float *probs, float *dlogits, int64_t row_begin, int64_t row_end,
                                               const int64_t window, const int64_t hd) {
     const int64_t per_group = p->heads / p->groups, row_pixels = p->heads * hd;
     const int64_t ahead = (p->kernel_size - 1) / 2 * FN(max_dilation)(p);
-    const __m256 scale = _mm256_set1_ps((float)p->scale);
     float *zeros = calloc(p->heads * hd, sizeof(float));
     const float *k_at[window * BLOCK_LANES], *v_at[window * BLOCK_LANES];
-    float bias[window * BLOCK_LANES], prob[window * BLOCK_LANES], dlogit[window * BLOCK_LANES];
-    float block_lse[BLOCK_LANES];
-    __m256 logit[window], dprob[window];
+    float bias[window * BLOCK_LANES];
     for (int64_t r = row_begin; r < row_end; r++) {
         const int64_t b = r / p->height, y = r % p->height, row_probs = FN(prob_row)(p, r);
         for (int64_t x0 = 0; x0 < p->width; x0 += BLOCK_LANES) {
             const int64_t count = p->width - x0 < BLOCK_LANES ? p->width - x0 : BLOCK_LANES;
             block_prefetch(p, q, k, v, r, x0, count, ahead);
+#if BLOCKS_PREFETCH
             FN(prefetch_pixels)(grad_out, row_pixels, (r + 1) * p->width + x0, count, p->batch * p->height * p->width);
+#endif
             for (int64_t g = 0; g < p->groups; g++) {
-                block_window(p, b, y, x0, count, g, k, p->k_stride, k_at, v, p->v_stride, v_at, zeros, bias);
+                const int shifted =
+                    block_window(p, b, y, x0, count, g, k, p->k_stride, k_at, v, p->v_stride, v_at, zeros, bias);
                 for (int64_t h = g * per_group; h < (g + 1) * per_group; h++) {
-                    block_products(p, q, p->q_stride, k_at, r, x0, count, h, zeros, logit, window, hd);
-                    block_products(p, grad_out, row_pixels, v_at, r, x0, count, h, zeros, dprob, window, hd);
-                    for (int64_t j = 0; j < BLOCK_LANES; j++)
-                        block_lse[j] = j < count ? lse[(r * p->width + x0 + j) * p->heads + h] : 0.0f;
-                    const __m256 row_lse = _mm256_loadu_ps(block_lse);
-                    __m256 delta = _mm256_setzero_ps();
-                    for (int64_t s = 0; s < window; s++) {
-                        logit[s] = _mm256_fmadd_ps(logit[s], scale, _mm256_loadu_ps(bias + s * BLOCK_LANES));
-                        logit[s] = exp8(_mm256_sub_ps(logit[s], row_lse));
-                        delta = _mm256_fmadd_ps(logit[s], dprob[s], delta);
-                    }
-                    for (int64_t s = 0; s < window; s++) {
-                        const __m256 dl = _mm256_mul_ps(_mm256_mul_ps(logit[s], _mm256_sub_ps(dprob[s], delta)), scale);
-                        _mm256_storeu_ps(prob + s * BLOCK_LANES, logit[s]);
-                        _mm256_storeu_ps(dlogit + s * BLOCK_LANES, dl);
-                    }
-                    for (int64_t s = 0; s < window; s++) {
-                        const int64_t at = row_probs + FN(slot_index)(p, h, s, x0);
-                        memcpy(probs + at, prob + s * BLOCK_LANES, count * sizeof(float));
-                        memcpy(dlogits + at, dlogit + s * BLOCK_LANES, count * sizeof(float));
-                    }
-                    if (grad_q) block_weighted_sums(p, grad_q, row_pixels, k_at, r, x0, count, h, dlogit, window, hd);
+                    if (shifted)
+                        block_backward_head(p, grad_out, q, k_at, v_at, 1, bias, lse, grad_q, probs + row_probs,
+                                            dlogits + row_probs, r, x0, count, h, zeros, window, hd);
+                    else
+                        block_backward_head(p, grad_out, q, k_at, v_at, 0, bias, lse, grad_q, probs + row_probs,
+                                            dlogits + row_probs, r, x0, count, h, zeros, window, hd);
                 }
             }
         }
