@@ -4,10 +4,15 @@
  *
  * Per query the work is k*k dot products of length head_dim, a softmax over k*k logits and a k*k-term weighted sum.
  * Done one query at a time, each dot product ends in a horizontal reduction and the softmax runs on scalars. Here
- * each query's products stay in vector registers (8 partial sums per slot) and one transpose-and-add turns the 8
- * queries' partial sums into a single vector of logits, lane j belonging to query j: the softmax and its exp/log
- * then run 8 queries at a time, and the weighted sums broadcast one probability per slot into head_dim-wide FMAs.
- * q, k and v are read in their own (pixel, head, head_dim) layout; nothing is transposed.
+ * each query's products stay in vector registers (8 partial sums per slot) and one transpose-and-add per slot turns
+ * the 8 queries' partial sums into a single vector of logits, lane j belonging to query j: the softmax and its
+ * exp/log then run 8 queries at a time, and the weighted sums broadcast one probability per slot into head_dim-wide
+ * FMAs. q, k and v are read in their own (pixel, head, head_dim) layout; nothing is transposed.
+ *
+ * Finding the keys costs nothing per query where the window is a pure shift (every block of border "zero", and
+ * border "clamp" away from the edges): lane j's key in a slot is j pixels after lane 0's, so a block needs one start
+ * pixel per slot (and for border "zero" one bit per slot and lane saying whether that key is inside the image).
+ * Only border "clamp" near the edges builds a table of k*k x 8 key pointers.
  *
  * Window slots that hold no real key point at a zero vector: border "zero" then needs no special case (logit 0, no
  * value), border "clamp" adds -inf to those logits. Lanes past the end of a row point every read at the zero vector
@@ -89,7 +94,7 @@ typedef struct {
     int64_t stride;         /* elements between its pixels */
     const float *const *at; /* BLOCK_TABLE: (k*k, 8) pointers to the keys' pixels, or zeros */
     const int64_t *start;   /* shifted modes: per slot, lane 0's key pixel (outside the image where masked) */
-    const uint8_t *lanes;   /* BLOCK_MASKED: per slot, bit j set where lane j's key is real */
+    const uint32_t *lanes;  /* BLOCK_MASKED: per slot, bit j set where lane j's key is real */
     const float *zeros;     /* a zero pixel */
 } block_keys_t;
 
@@ -97,9 +102,6 @@ typedef struct {
 ALWAYS_INLINE const float *block_slot(const block_keys_t *keys, const int mode, int64_t s, int64_t j) {
     if (mode == BLOCK_TABLE) return keys->at[s * BLOCK_LANES + j];
     if (mode == BLOCK_MASKED && !((keys->lanes[s] >> j) & 1)) return keys->zeros;
-#ifdef BLOCKS_L1TEST
-    return keys->data + ((keys->start[s] + j) & 31) * keys->stride;
-#endif
     return keys->data + (keys->start[s] + j) * keys->stride;
 }
 
@@ -107,7 +109,7 @@ ALWAYS_INLINE const float *block_slot(const block_keys_t *keys, const int mode, 
  * BLOCK_TABLE fills first_at / second_at and bias (-inf for the slots that border "clamp" leaves out of the
  * softmax, else 0); the shifted modes fill start and lanes. */
 ALWAYS_INLINE int block_window(const problem_t *p, int64_t b, int64_t y, int64_t x0, int64_t count, int64_t g,
-                               int64_t *start, uint8_t *lanes, const float *first, int64_t first_stride,
+                               int64_t *start, uint32_t *lanes, const float *first, int64_t first_stride,
                                const float **first_at, const float *second, int64_t second_stride,
                                const float **second_at, const float *zeros, float *bias) {
     const int64_t ks = p->kernel_size, radius = (ks - 1) / 2, width = p->width, dilation = p->dilations[g];
@@ -115,27 +117,27 @@ ALWAYS_INLINE int block_window(const problem_t *p, int64_t b, int64_t y, int64_t
     const uint8_t *row_valid = p->row_valid + (g * p->height + y) * ks;
     if (p->zero_border) {
         /* Border "zero" tables are pure shifts wherever a key is real (see neighborhood.py). */
-        int all = 1;
+        uint32_t all = 0xff;
         for (int64_t c = 0; c < ks; c++) {
             /* Lanes j in [lo, hi) have their key column x0 + j + shift inside the image. */
             const int64_t shift = (c - radius) * dilation, first = x0 + shift;
             const int64_t lo = first < 0 ? -first : 0, hi = width - first < count ? width - first : count;
-            const unsigned bits = lo < hi ? (1u << hi) - (1u << lo) : 0;
-            all &= bits == 0xff;
+            const uint32_t bits = lo < hi ? (1u << hi) - (1u << lo) : 0;
             for (int64_t a = 0; a < ks; a++) {
                 start[a * ks + c] = (b * p->height + rows[a]) * width + first;
-                lanes[a * ks + c] = row_valid[a] ? (uint8_t)bits : 0;
+                lanes[a * ks + c] = row_valid[a] ? bits : 0;
+                all &= lanes[a * ks + c];
             }
         }
-        for (int64_t a = 0; a < ks; a++) all &= row_valid[a];
-        return all ? BLOCK_SHIFTED : BLOCK_MASKED;
+        return all == 0xff ? BLOCK_SHIFTED : BLOCK_MASKED;
     }
     int rows_inside = 1;
     for (int64_t a = 0; a < ks; a++) rows_inside &= row_valid[a] && rows[a] == y + (a - radius) * dilation;
     if (rows_inside && count == BLOCK_LANES && x0 - radius * dilation >= 0 &&
         x0 + BLOCK_LANES - 1 + radius * dilation < width) {
         for (int64_t a = 0; a < ks; a++)
-            for (int64_t c = 0; c < ks; c++) start[a * ks + c] = (b * p->height + rows[a]) * width + x0 + (c - radius) * dilation;
+            for (int64_t c = 0; c < ks; c++)
+                start[a * ks + c] = (b * p->height + rows[a]) * width + x0 + (c - radius) * dilation;
         return BLOCK_SHIFTED;
     }
     for (int64_t a = 0; a < ks; a++) {
@@ -238,26 +240,14 @@ ALWAYS_INLINE void block_weighted_sums(const problem_t *p, float *dst, int64_t d
     }
 }
 
-#ifndef BLOCKS_PREFETCH
-#define BLOCKS_PREFETCH 1
-#endif
-
 /* Asks for the block's q one image row later and its k and v `ahead` rows beyond that: the rows the sweep will
  * first read on the next row. */
 ALWAYS_INLINE void block_prefetch(const problem_t *p, const float *q, const float *k, const float *v, int64_t r,
                                   int64_t x0, int64_t count, int64_t ahead) {
-#if BLOCKS_PREFETCH == 1
     const int64_t next = (r + 1) * p->width + x0, limit = p->batch * p->height * p->width;
     FN(prefetch_pixels)(q, p->q_stride, next, count, limit);
     FN(prefetch_pixels)(k, p->k_stride, next + ahead * p->width, count, limit);
     FN(prefetch_pixels)(v, p->v_stride, next + ahead * p->width, count, limit);
-#elif BLOCKS_PREFETCH == 2
-    const int64_t next = (r + 1) * p->width + x0, limit = p->batch * p->height * p->width;
-    FN(prefetch_pixels)(k, p->k_stride, next + ahead * p->width, count, limit);
-    FN(prefetch_pixels)(v, p->v_stride, next + ahead * p->width, count, limit);
-#else
-    (void)p, (void)q, (void)k, (void)v, (void)r, (void)x0, (void)count, (void)ahead;
-#endif
 }
 
 /* Window-sized scratch of the per-head kernels, declared once per call of the row loops (outside every loop, where
@@ -275,11 +265,7 @@ ALWAYS_INLINE void block_forward_head(const problem_t *p, const float *q, const 
     const __m256 scale = _mm256_set1_ps((float)p->scale);
     __m256 *logit = scratch->logit;
     float *prob = scratch->weight, block_lse[BLOCK_LANES];
-#ifndef SKIP_PROD
     block_products(p, q, p->q_stride, keys, mode, r, x0, count, h, logit, scratch->low, scratch->high, window, hd);
-#else
-    SLOTS for (int64_t s = 0; s < window; s++) logit[s] = _mm256_set1_ps(0.01f * s);
-#endif
     __m256 top = _mm256_set1_ps(-INFINITY), total = _mm256_setzero_ps();
     SLOTS for (int64_t s = 0; s < window; s++) {
         logit[s] = mode != BLOCK_TABLE ? _mm256_mul_ps(logit[s], scale)
@@ -291,11 +277,10 @@ ALWAYS_INLINE void block_forward_head(const problem_t *p, const float *q, const 
         total = _mm256_add_ps(total, logit[s]);
     }
     const __m256 inverse = _mm256_div_ps(_mm256_set1_ps(1.0f), total);
-    SLOTS for (int64_t s = 0; s < window; s++) _mm256_storeu_ps(prob + s * BLOCK_LANES, _mm256_mul_ps(logit[s], inverse));
+    SLOTS for (int64_t s = 0; s < window; s++)
+        _mm256_storeu_ps(prob + s * BLOCK_LANES, _mm256_mul_ps(logit[s], inverse));
     _mm256_storeu_ps(block_lse, _mm256_add_ps(top, log8(total)));
-#ifndef SKIP_WS
     block_weighted_sums(p, out, p->heads * hd, values, mode, r, x0, count, h, prob, window, hd);
-#endif
     for (int64_t j = 0; j < count; j++) lse[(r * p->width + x0 + j) * p->heads + h] = block_lse[j];
 }
 
@@ -318,7 +303,7 @@ ALWAYS_INLINE void blocks_forward_rows(const problem_t *p, const float *q, const
     const float *k_at[window * BLOCK_LANES], *v_at[window * BLOCK_LANES];
     float bias[window * BLOCK_LANES], weight[window * BLOCK_LANES];
     int64_t start[window];
-    uint8_t lanes[window];
+    uint32_t lanes[window];
     __m256 logit[window], dprob[window], low[window], high[window];
     block_scratch_t scratch = {logit, dprob, low, high, weight};
     const block_keys_t keys = {k, p->k_stride, k_at, start, lanes, zeros};
@@ -378,7 +363,8 @@ ALWAYS_INLINE void block_backward_head(const problem_t *p, const float *grad_out
             memcpy(row_dlogits + at, dlogit + s * BLOCK_LANES, count * sizeof(float));
         }
     }
-    if (grad_q) block_weighted_sums(p, grad_q, p->heads * hd, keys, mode, r, x0, count, h, dlogit, window, hd);
+    if (grad_q)
+        block_weighted_sums(p, grad_q, p->heads * hd, keys, mode, r, x0, count, h, dlogit, window, hd);
 }
 
 ALWAYS_INLINE void blocks_backward_query_rows(const problem_t *p, const float *grad_out, const float *q,
@@ -391,7 +377,7 @@ ALWAYS_INLINE void blocks_backward_query_rows(const problem_t *p, const float *g
     const float *k_at[window * BLOCK_LANES], *v_at[window * BLOCK_LANES];
     float bias[window * BLOCK_LANES], weight[window * BLOCK_LANES];
     int64_t start[window];
-    uint8_t lanes[window];
+    uint32_t lanes[window];
     __m256 logit[window], dprob[window], low[window], high[window];
     block_scratch_t scratch = {logit, dprob, low, high, weight};
     const block_keys_t keys = {k, p->k_stride, k_at, start, lanes, zeros};
@@ -401,9 +387,7 @@ ALWAYS_INLINE void blocks_backward_query_rows(const problem_t *p, const float *g
         for (int64_t x0 = 0; x0 < p->width; x0 += BLOCK_LANES) {
             const int64_t count = p->width - x0 < BLOCK_LANES ? p->width - x0 : BLOCK_LANES;
             block_prefetch(p, q, k, v, r, x0, count, ahead);
-#if BLOCKS_PREFETCH
             FN(prefetch_pixels)(grad_out, row_pixels, (r + 1) * p->width + x0, count, p->batch * p->height * p->width);
-#endif
             for (int64_t g = 0; g < p->groups; g++) {
                 const int mode = block_window(p, b, y, x0, count, g, start, lanes, k, p->k_stride, k_at, v,
                                               p->v_stride, v_at, zeros, bias);
