@@ -217,24 +217,53 @@ ALWAYS_INLINE void FN(backward_query_rows)(const problem_t *p, const SCALAR *gra
 /* Backward, second pass for border "zero": the window is a pure shift, so key (y, x) sits in slot (a, c) of exactly
  * one query, (y - (a - radius) * d, x - (c - radius) * d), when that query is inside the image. Each key gathers
  * its dk and dv from those queries: no two tasks write the same key. */
+
+/* Per slot row a of key row r = (b, y) in head group g: the query row whose slot row a is this key row, or -1
+ * outside the image, and that row's offset in probs / dlogits. */
+ALWAYS_INLINE void FN(key_row_queries)(const problem_t *p, int64_t r, int64_t g, int64_t *query_row,
+                                       int64_t *query_probs) {
+    const int64_t ks = p->kernel_size, radius = (ks - 1) / 2, b = r / p->height, y = r % p->height;
+    for (int64_t a = 0; a < ks; a++) {
+        const int64_t qy = y - (a - radius) * p->dilations[g];
+        const int inside = qy >= 0 && qy < p->height;
+        query_row[a] = inside ? b * p->height + qy : -1;
+        query_probs[a] = inside ? FN(prob_row)(p, b * p->height + qy) : 0;
+    }
+}
+
+/* dk and dv of key (r, x), head h, from the query rows of key_row_queries; checks every slot's column. */
+ALWAYS_INLINE void FN(zero_key)(const problem_t *p, const SCALAR *grad_out, const SCALAR *q, const SCALAR *probs,
+                                const SCALAR *dlogits, SCALAR *grad_k, SCALAR *grad_v, const int64_t *query_row,
+                                const int64_t *query_probs, int64_t r, int64_t x, int64_t h, const int64_t hd) {
+    const int64_t ks = p->kernel_size, radius = (ks - 1) / 2, width = p->width, row_pixels = p->heads * hd;
+    const int64_t dilation = p->dilations[h / (p->heads / p->groups)];
+    SCALAR dk[hd], dv[hd];
+    for (int64_t i = 0; i < hd; i++) dk[i] = dv[i] = 0;
+    for (int64_t a = 0; a < ks; a++) {
+        const int64_t qr = query_row[a];
+        if (qr < 0) continue;
+        for (int64_t c = 0; c < ks; c++) {
+            const int64_t qx = x - (c - radius) * dilation;
+            if (qx < 0 || qx >= width) continue;
+            const int64_t query = qr * width + qx;
+            const int64_t at = query_probs[a] + FN(slot_index)(p, h, a * ks + c, qx);
+            FN(axpy)(dk, dlogits[at], q + query * p->q_stride + h * hd, hd);
+            FN(axpy)(dv, probs[at], grad_out + query * row_pixels + h * hd, hd);
+        }
+    }
+    SCALAR *gk = grad_k + (r * width + x) * row_pixels + h * hd;
+    SCALAR *gv = grad_v + (r * width + x) * row_pixels + h * hd;
+    for (int64_t i = 0; i < hd; i++) gk[i] = dk[i], gv[i] = dv[i];
+}
+
 ALWAYS_INLINE void FN(backward_zero_key_rows)(const problem_t *p, const SCALAR *grad_out, const SCALAR *q,
                                               const SCALAR *probs, const SCALAR *dlogits, SCALAR *grad_k,
                                               SCALAR *grad_v, int64_t row_begin, int64_t row_end, const int64_t hd) {
-    const int64_t ks = p->kernel_size, radius = (ks - 1) / 2, width = p->width, height = p->height;
-    const int64_t per_group = p->heads / p->groups, row_pixels = p->heads * hd;
-    const int64_t ahead = radius * FN(max_dilation)(p), limit = p->batch * height * width;
+    const int64_t ks = p->kernel_size, width = p->width, per_group = p->heads / p->groups, row_pixels = p->heads * hd;
+    const int64_t ahead = (ks - 1) / 2 * FN(max_dilation)(p), limit = p->batch * p->height * width;
     int64_t query_row[p->groups * ks], query_probs[p->groups * ks];
     for (int64_t r = row_begin; r < row_end; r++) {
-        const int64_t b = r / height, y = r % height;
-        /* Per group and slot row a: the query row whose slot row a is this key row, or -1 outside the image. */
-        for (int64_t g = 0; g < p->groups; g++) {
-            for (int64_t a = 0; a < ks; a++) {
-                const int64_t qy = y - (a - radius) * p->dilations[g];
-                const int inside = qy >= 0 && qy < height;
-                query_row[g * ks + a] = inside ? b * height + qy : -1;
-                query_probs[g * ks + a] = inside ? FN(prob_row)(p, b * height + qy) : 0;
-            }
-        }
+        for (int64_t g = 0; g < p->groups; g++) FN(key_row_queries)(p, r, g, query_row + g * ks, query_probs + g * ks);
         for (int64_t x = 0; x < width; x++) {
             if (x % 8 == 0) {
                 const int64_t next = (r + 1 + ahead) * width + x, count = width - x < 8 ? width - x : 8;
@@ -242,24 +271,9 @@ ALWAYS_INLINE void FN(backward_zero_key_rows)(const problem_t *p, const SCALAR *
                 FN(prefetch_pixels)(grad_out, row_pixels, next, count, limit);
             }
             for (int64_t h = 0; h < p->heads; h++) {
-                const int64_t g = h / per_group, dilation = p->dilations[g];
-                SCALAR dk[hd], dv[hd];
-                for (int64_t i = 0; i < hd; i++) dk[i] = dv[i] = 0;
-                for (int64_t a = 0; a < ks; a++) {
-                    const int64_t qr = query_row[g * ks + a];
-                    if (qr < 0) continue;
-                    for (int64_t c = 0; c < ks; c++) {
-                        const int64_t qx = x - (c - radius) * dilation;
-                        if (qx < 0 || qx >= width) continue;
-                        const int64_t query = qr * width + qx;
-                        const int64_t at = query_probs[g * ks + a] + FN(slot_index)(p, h, a * ks + c, qx);
-                        FN(axpy)(dk, dlogits[at], q + query * p->q_stride + h * hd, hd);
-                        FN(axpy)(dv, probs[at], grad_out + query * row_pixels + h * hd, hd);
-                    }
-                }
-                SCALAR *gk = grad_k + (r * width + x) * row_pixels + h * hd;
-                SCALAR *gv = grad_v + (r * width + x) * row_pixels + h * hd;
-                for (int64_t i = 0; i < hd; i++) gk[i] = dk[i], gv[i] = dv[i];
+                const int64_t g = h / per_group;
+                FN(zero_key)(p, grad_out, q, probs, dlogits, grad_k, grad_v, query_row + g * ks, query_probs + g * ks,
+                             r, x, h, hd);
             }
         }
     }
@@ -270,6 +284,128 @@ ALWAYS_INLINE void FN(backward_zero_key_rows)(const problem_t *p, const SCALAR *
 #include "msda_blocks.h"
 #else
 #define HAVE_BLOCKS 0
+#endif
+
+#if HAVE_BLOCKS
+/* The key pass on runs of KEY_RUN keys d columns apart (d the head's dilation), for border "zero", head_dim a
+ * multiple of 8 and keys whose every slot's query is inside the image. Key x_j = x + j * d sits in slot c of query
+ * x_j - (c - radius) * d, so the run's keys share their queries: each query's vector is loaded once per slot row
+ * and feeds every key of the run it reaches (KEY_RUN + 2 * radius loads for KEY_RUN * k weighted terms, against one
+ * load per term key by key). The run's sums stay in registers across the k*k slots. */
+#define KEY_RUN 4
+#define KEY_RUN_MAX_LANES 8 /* head_dim <= 64: the sums are fixed-size arrays, which GCC keeps in registers (a VLA
+                             * it keeps on the stack) */
+
+/* dst[x_j] (pixel stride dst_stride) = sum over slot rows a and slots c of weights[a * ks + c][query] *
+ * rows[a][query * stride], query = x_j - (c - radius) * d, for the run's keys x_j. Every loop has constant bounds
+ * once inlined, and GCC keeps the run's sums in registers only if it unrolls them all. */
+ALWAYS_INLINE void key_run_sums(const float *const *rows, int64_t stride, const float *const *weights, int64_t x,
+                                int64_t d, float *dst, int64_t dst_stride, const int64_t ks, const int64_t hd) {
+    const int64_t radius = (ks - 1) / 2, lanes = hd / BLOCK_LANES;
+    __m256 acc[KEY_RUN * KEY_RUN_MAX_LANES];
+    _Pragma("GCC unroll 32") for (int64_t i = 0; i < KEY_RUN * lanes; i++) acc[i] = _mm256_setzero_ps();
+    _Pragma("GCC unroll 32") for (int64_t a = 0; a < ks; a++) {
+        /* Query m of the run, x + m * d, reaches key j = m + c - radius in slot c. */
+        _Pragma("GCC unroll 32") for (int64_t m = -radius; m < KEY_RUN + radius; m++) {
+            const int64_t qx = x + m * d;
+            const float *src = rows[a] + qx * stride;
+            __m256 sv[KEY_RUN_MAX_LANES];
+            _Pragma("GCC unroll 32") for (int64_t l = 0; l < lanes; l++) sv[l] = _mm256_loadu_ps(src + l * BLOCK_LANES);
+            _Pragma("GCC unroll 32") for (int64_t c = 0; c < ks; c++) {
+                const int64_t j = m + c - radius;
+                if (j < 0 || j >= KEY_RUN) continue;
+                const __m256 w = _mm256_broadcast_ss(weights[a * ks + c] + qx);
+                _Pragma("GCC unroll 32") for (int64_t l = 0; l < lanes; l++) {
+                    acc[j * lanes + l] = _mm256_fmadd_ps(w, sv[l], acc[j * lanes + l]);
+                }
+            }
+        }
+    }
+    _Pragma("GCC unroll 32") for (int64_t j = 0; j < KEY_RUN; j++) {
+        _Pragma("GCC unroll 32") for (int64_t l = 0; l < lanes; l++) {
+            _mm256_storeu_ps(dst + (x + j * d) * dst_stride + l * BLOCK_LANES, acc[j * lanes + l]);
+        }
+    }
+}
+
+/* Keys per chunk of a row: every head's runs advance through one chunk before the next, so the queries a chunk
+ * reads stay in L1 across the heads instead of each head streaming the whole row. */
+#define KEY_CHUNK 16
+
+ALWAYS_INLINE void blocks_zero_key_rows(const problem_t *p, const float *grad_out, const float *q, const float *probs,
+                                        const float *dlogits, float *grad_k, float *grad_v, int64_t row_begin,
+                                        int64_t row_end, const int64_t ks, const int64_t hd) {
+    const int64_t radius = (ks - 1) / 2, width = p->width, heads = p->heads, per_group = heads / p->groups;
+    const int64_t row_pixels = heads * hd, window = ks * ks;
+    const int64_t ahead = radius * FN(max_dilation)(p), limit = p->batch * p->height * width;
+    int64_t query_row[heads][ks], query_probs[heads][ks], next[heads];
+    const float *q_rows[heads][ks], *dout_rows[heads][ks], *dlogit_at[heads][window], *prob_at[heads][window];
+    float *zeros = calloc(width, sizeof(float));
+    for (int64_t r = row_begin; r < row_end; r++) {
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t d = p->dilations[h / per_group];
+            FN(key_row_queries)(p, r, h / per_group, query_row[h], query_probs[h]);
+            for (int64_t a = 0; a < ks; a++) {
+                const int64_t qr = query_row[h][a];
+                /* A slot row outside the image reads this key row with zero weights: no branch in the runs. */
+                const int64_t source = qr < 0 ? r : qr;
+                q_rows[h][a] = q + source * width * p->q_stride + h * hd;
+                dout_rows[h][a] = grad_out + source * width * row_pixels + h * hd;
+                for (int64_t c = 0; c < ks; c++) {
+                    const int64_t at = query_probs[h][a] + FN(slot_index)(p, h, a * ks + c, 0);
+                    dlogit_at[h][a * ks + c] = qr < 0 ? zeros : dlogits + at;
+                    prob_at[h][a * ks + c] = qr < 0 ? zeros : probs + at;
+                }
+            }
+            /* Keys from radius * d on have every slot's query inside the row, up to radius * d from the end. */
+            next[h] = radius * d;
+        }
+        float *gk = grad_k + r * width * row_pixels, *gv = grad_v + r * width * row_pixels;
+        for (int64_t chunk = 0; chunk < width; chunk += KEY_CHUNK) {
+            /* The query rows the next key row will first read. */
+            const int64_t count = width - chunk < KEY_CHUNK ? width - chunk : KEY_CHUNK;
+            FN(prefetch_pixels)(q, p->q_stride, (r + 1 + ahead) * width + chunk, count, limit);
+            FN(prefetch_pixels)(grad_out, row_pixels, (r + 1 + ahead) * width + chunk, count, limit);
+            for (int64_t h = 0; h < heads; h++) {
+                /* Spans of KEY_RUN * d keys, d interleaved runs each. */
+                const int64_t d = p->dilations[h / per_group], span = KEY_RUN * d;
+                for (int64_t x = next[h]; x < chunk + KEY_CHUNK && x + span + radius * d <= width; x += span) {
+                    for (int64_t o = 0; o < d; o++) {
+                        key_run_sums(q_rows[h], p->q_stride, dlogit_at[h], x + o, d, gk + h * hd, row_pixels, ks, hd);
+                        key_run_sums(dout_rows[h], row_pixels, prob_at[h], x + o, d, gv + h * hd, row_pixels, ks, hd);
+                    }
+                    next[h] = x + span;
+                }
+            }
+        }
+        /* The keys at the edges, and the remainder, key by key. */
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t first = radius * p->dilations[h / per_group];
+            for (int64_t e = 0; e < first && e < width; e++)
+                FN(zero_key)(p, grad_out, q, probs, dlogits, grad_k, grad_v, query_row[h], query_probs[h], r, e, h, hd);
+            for (int64_t e = next[h] > first ? next[h] : first; e < width; e++)
+                FN(zero_key)(p, grad_out, q, probs, dlogits, grad_k, grad_v, query_row[h], query_probs[h], r, e, h, hd);
+        }
+    }
+    free(zeros);
+}
+
+static void blocks_zero_keys(const problem_t *p, const float *grad_out, const float *q, const float *probs,
+                             const float *dlogits, float *grad_k, float *grad_v, int64_t row_begin, int64_t row_end) {
+#define CALL(KS, HD) blocks_zero_key_rows(p, grad_out, q, probs, dlogits, grad_k, grad_v, row_begin, row_end, KS, HD)
+    if (p->kernel_size == 3) {
+        switch (p->head_dim) {
+        case 8: CALL(3, 8); break;
+        case 16: CALL(3, 16); break;
+        case 24: CALL(3, 24); break;
+        case 32: CALL(3, 32); break;
+        default: CALL(3, p->head_dim); break;
+        }
+    } else {
+        CALL(p->kernel_size, p->head_dim);
+    }
+#undef CALL
+}
 #endif
 
 /* Entry points: specialise the loops for common head widths, else run them with a runtime width. */
@@ -317,6 +453,12 @@ void FN(msda_backward_queries)(const problem_t *p, const SCALAR *grad_out, const
 void FN(msda_backward_zero_keys)(const problem_t *p, const SCALAR *grad_out, const SCALAR *q, const SCALAR *probs,
                                  const SCALAR *dlogits, SCALAR *grad_k, SCALAR *grad_v, int64_t row_begin,
                                  int64_t row_end) {
+#if HAVE_BLOCKS
+    if (p->head_dim % BLOCK_LANES == 0 && p->head_dim <= KEY_RUN_MAX_LANES * BLOCK_LANES) {
+        blocks_zero_keys(p, grad_out, q, probs, dlogits, grad_k, grad_v, row_begin, row_end);
+        return;
+    }
+#endif
 #define CALL(HD) FN(backward_zero_key_rows)(p, grad_out, q, probs, dlogits, grad_k, grad_v, row_begin, row_end, HD)
     DISPATCH_HEAD_DIM(CALL, p->head_dim)
 #undef CALL
