@@ -374,8 +374,8 @@ ALWAYS_INLINE void blocks_zero_key_rows(const problem_t *p, const float *grad_ou
             for (int64_t h = 0; h < heads; h++) {
                 /* Spans of KEY_RUN * d keys, d interleaved runs each. */
                 const int64_t d = p->dilations[h / per_group], span = KEY_RUN * d;
-                for (int64_t x = next[h]; x < chunk + KEY_CHUNK && x + span <= col_end && x + span + radius * d <= width;
-                     x += span) {
+                const int64_t end = col_end < width - radius * d ? col_end : width - radius * d;
+                for (int64_t x = next[h]; x < chunk + KEY_CHUNK && x + span <= end; x += span) {
                     for (int64_t o = 0; o < d; o++) {
                         key_run_sums(q_rows[h], p->q_stride, dlogit_at[h], x + o, d, gk + h * hd, row_pixels, width,
                                      KEY_RUN, 0, ks, hd);
