@@ -100,6 +100,23 @@ def test_backward_is_the_same_however_the_work_is_split(border, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    ("width", "kernel_size", "dilations", "threads"),
+    [
+        (256, 3, (1, 2, 3), 1),  # two tiles of 128 columns
+        (397, 3, (1, 4), 2),  # three tiles, the last ending past a whole block; two stripes
+        (269, 3, (2, 150), 1),  # a reach wider than a tile: the halos span the whole row
+        (300, 5, (1, 3), 1),  # a kernel size the key pass runs with a runtime window
+    ],
+)
+def test_wide_images_sweep_the_zero_border_backward_in_width_tiles(width, kernel_size, dilations, threads, monkeypatch):
+    # From 256 columns (twice msda_cpu.c's TILE_COLUMNS) the one-sweep backward runs tile by tile, each tile's query
+    # pass also covering the reach beyond its edges; tile edges must not show in the gradients.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    shape = (1, 7, width, 2 * len(dilations), 8)
+    assert_float32_close(*float32_problem(shape, kernel_size, dilations, "zero", seed=11))
+
+
 def test_softmax_survives_huge_and_tiny_logits_in_float32():
     # The block kernels' own exp/log: logits of +-1e4 must neither overflow nor lose the winning key.
     q, k, v = (t.float() for t in random_qkv((1, 9, 17, 3, 8), requires_grad=False))

@@ -367,10 +367,13 @@ ALWAYS_INLINE void block_backward_head(const problem_t *p, const float *grad_out
         block_weighted_sums(p, grad_q, p->heads * hd, keys, mode, r, x0, count, h, dlogit, window, hd);
 }
 
+/* Backward, first pass, on columns [col_begin, col_end) of each row (col_begin a multiple of 8, so the blocks are
+ * those of a whole-row sweep). */
 ALWAYS_INLINE void blocks_backward_query_rows(const problem_t *p, const float *grad_out, const float *q,
                                               const float *k, const float *v, const float *lse, float *grad_q,
                                               float *probs, float *dlogits, int64_t row_begin, int64_t row_end,
-                                              const int64_t window, const int64_t hd) {
+                                              int64_t col_begin, int64_t col_end, const int64_t window,
+                                              const int64_t hd) {
     const int64_t per_group = p->heads / p->groups, row_pixels = p->heads * hd;
     const int64_t ahead = (p->kernel_size - 1) / 2 * FN(max_dilation)(p);
     float *zeros = calloc(p->heads * hd, sizeof(float));
@@ -384,8 +387,8 @@ ALWAYS_INLINE void blocks_backward_query_rows(const problem_t *p, const float *g
     const block_keys_t values = {v, p->v_stride, v_at, start, lanes, zeros};
     for (int64_t r = row_begin; r < row_end; r++) {
         const int64_t b = r / p->height, y = r % p->height, row_probs = FN(prob_row)(p, r);
-        for (int64_t x0 = 0; x0 < p->width; x0 += BLOCK_LANES) {
-            const int64_t count = p->width - x0 < BLOCK_LANES ? p->width - x0 : BLOCK_LANES;
+        for (int64_t x0 = col_begin; x0 < col_end; x0 += BLOCK_LANES) {
+            const int64_t count = col_end - x0 < BLOCK_LANES ? col_end - x0 : BLOCK_LANES;
             block_prefetch(p, q, k, v, r, x0, count, ahead);
             FN(prefetch_pixels)(grad_out, row_pixels, (r + 1) * p->width + x0, count, p->batch * p->height * p->width);
             for (int64_t g = 0; g < p->groups; g++) {
@@ -428,10 +431,11 @@ static void blocks_forward(const problem_t *p, const float *q, const float *k, c
 
 static void blocks_backward_queries(const problem_t *p, const float *grad_out, const float *q, const float *k,
                                     const float *v, const float *lse, float *grad_q, float *probs, float *dlogits,
-                                    int64_t row_begin, int64_t row_end) {
+                                    int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end) {
     const int64_t window = p->kernel_size * p->kernel_size;
 #define CALL(WINDOW, HD)                                                                                             \
-    blocks_backward_query_rows(p, grad_out, q, k, v, lse, grad_q, probs, dlogits, row_begin, row_end, WINDOW, HD)
+    blocks_backward_query_rows(p, grad_out, q, k, v, lse, grad_q, probs, dlogits, row_begin, row_end, col_begin,      \
+                               col_end, WINDOW, HD)
     DISPATCH_BLOCKS(CALL, window, p->head_dim)
 #undef CALL
 }

@@ -217,24 +217,53 @@ ALWAYS_INLINE void FN(backward_query_rows)(const problem_t *p, const SCALAR *gra
 /* Backward, second pass for border "zero": the window is a pure shift, so key (y, x) sits in slot (a, c) of exactly
  * one query, (y - (a - radius) * d, x - (c - radius) * d), when that query is inside the image. Each key gathers
  * its dk and dv from those queries: no two tasks write the same key. */
+
+/* Per slot row a of key row r = (b, y) in head group g: the query row whose slot row a is this key row, or -1
+ * outside the image, and that row's offset in probs / dlogits. */
+ALWAYS_INLINE void FN(key_row_queries)(const problem_t *p, int64_t r, int64_t g, int64_t *query_row,
+                                       int64_t *query_probs) {
+    const int64_t ks = p->kernel_size, radius = (ks - 1) / 2, b = r / p->height, y = r % p->height;
+    for (int64_t a = 0; a < ks; a++) {
+        const int64_t qy = y - (a - radius) * p->dilations[g];
+        const int inside = qy >= 0 && qy < p->height;
+        query_row[a] = inside ? b * p->height + qy : -1;
+        query_probs[a] = inside ? FN(prob_row)(p, b * p->height + qy) : 0;
+    }
+}
+
+/* dk and dv of key (r, x), head h, from the query rows of key_row_queries; checks every slot's column. */
+ALWAYS_INLINE void FN(zero_key)(const problem_t *p, const SCALAR *grad_out, const SCALAR *q, const SCALAR *probs,
+                                const SCALAR *dlogits, SCALAR *grad_k, SCALAR *grad_v, const int64_t *query_row,
+                                const int64_t *query_probs, int64_t r, int64_t x, int64_t h, const int64_t hd) {
+    const int64_t ks = p->kernel_size, radius = (ks - 1) / 2, width = p->width, row_pixels = p->heads * hd;
+    const int64_t dilation = p->dilations[h / (p->heads / p->groups)];
+    SCALAR dk[hd], dv[hd];
+    for (int64_t i = 0; i < hd; i++) dk[i] = dv[i] = 0;
+    for (int64_t a = 0; a < ks; a++) {
+        const int64_t qr = query_row[a];
+        if (qr < 0) continue;
+        for (int64_t c = 0; c < ks; c++) {
+            const int64_t qx = x - (c - radius) * dilation;
+            if (qx < 0 || qx >= width) continue;
+            const int64_t query = qr * width + qx;
+            const int64_t at = query_probs[a] + FN(slot_index)(p, h, a * ks + c, qx);
+            FN(axpy)(dk, dlogits[at], q + query * p->q_stride + h * hd, hd);
+            FN(axpy)(dv, probs[at], grad_out + query * row_pixels + h * hd, hd);
+        }
+    }
+    SCALAR *gk = grad_k + (r * width + x) * row_pixels + h * hd;
+    SCALAR *gv = grad_v + (r * width + x) * row_pixels + h * hd;
+    for (int64_t i = 0; i < hd; i++) gk[i] = dk[i], gv[i] = dv[i];
+}
+
 ALWAYS_INLINE void FN(backward_zero_key_rows)(const problem_t *p, const SCALAR *grad_out, const SCALAR *q,
                                               const SCALAR *probs, const SCALAR *dlogits, SCALAR *grad_k,
                                               SCALAR *grad_v, int64_t row_begin, int64_t row_end, const int64_t hd) {
-    const int64_t ks = p->kernel_size, radius = (ks - 1) / 2, width = p->width, height = p->height;
-    const int64_t per_group = p->heads / p->groups, row_pixels = p->heads * hd;
-    const int64_t ahead = radius * FN(max_dilation)(p), limit = p->batch * height * width;
+    const int64_t ks = p->kernel_size, width = p->width, per_group = p->heads / p->groups, row_pixels = p->heads * hd;
+    const int64_t ahead = (ks - 1) / 2 * FN(max_dilation)(p), limit = p->batch * p->height * width;
     int64_t query_row[p->groups * ks], query_probs[p->groups * ks];
     for (int64_t r = row_begin; r < row_end; r++) {
-        const int64_t b = r / height, y = r % height;
-        /* Per group and slot row a: the query row whose slot row a is this key row, or -1 outside the image. */
-        for (int64_t g = 0; g < p->groups; g++) {
-            for (int64_t a = 0; a < ks; a++) {
-                const int64_t qy = y - (a - radius) * p->dilations[g];
-                const int inside = qy >= 0 && qy < height;
-                query_row[g * ks + a] = inside ? b * height + qy : -1;
-                query_probs[g * ks + a] = inside ? FN(prob_row)(p, b * height + qy) : 0;
-            }
-        }
+        for (int64_t g = 0; g < p->groups; g++) FN(key_row_queries)(p, r, g, query_row + g * ks, query_probs + g * ks);
         for (int64_t x = 0; x < width; x++) {
             if (x % 8 == 0) {
                 const int64_t next = (r + 1 + ahead) * width + x, count = width - x < 8 ? width - x : 8;
@@ -242,24 +271,9 @@ ALWAYS_INLINE void FN(backward_zero_key_rows)(const problem_t *p, const SCALAR *
                 FN(prefetch_pixels)(grad_out, row_pixels, next, count, limit);
             }
             for (int64_t h = 0; h < p->heads; h++) {
-                const int64_t g = h / per_group, dilation = p->dilations[g];
-                SCALAR dk[hd], dv[hd];
-                for (int64_t i = 0; i < hd; i++) dk[i] = dv[i] = 0;
-                for (int64_t a = 0; a < ks; a++) {
-                    const int64_t qr = query_row[g * ks + a];
-                    if (qr < 0) continue;
-                    for (int64_t c = 0; c < ks; c++) {
-                        const int64_t qx = x - (c - radius) * dilation;
-                        if (qx < 0 || qx >= width) continue;
-                        const int64_t query = qr * width + qx;
-                        const int64_t at = query_probs[g * ks + a] + FN(slot_index)(p, h, a * ks + c, qx);
-                        FN(axpy)(dk, dlogits[at], q + query * p->q_stride + h * hd, hd);
-                        FN(axpy)(dv, probs[at], grad_out + query * row_pixels + h * hd, hd);
-                    }
-                }
-                SCALAR *gk = grad_k + (r * width + x) * row_pixels + h * hd;
-                SCALAR *gv = grad_v + (r * width + x) * row_pixels + h * hd;
-                for (int64_t i = 0; i < hd; i++) gk[i] = dk[i], gv[i] = dv[i];
+                const int64_t g = h / per_group;
+                FN(zero_key)(p, grad_out, q, probs, dlogits, grad_k, grad_v, query_row + g * ks, query_probs + g * ks,
+                             r, x, h, hd);
             }
         }
     }
@@ -270,6 +284,151 @@ ALWAYS_INLINE void FN(backward_zero_key_rows)(const problem_t *p, const SCALAR *
 #include "msda_blocks.h"
 #else
 #define HAVE_BLOCKS 0
+#endif
+
+#if HAVE_BLOCKS
+/* The key pass on runs of KEY_RUN keys d columns apart (d the head's dilation), for border "zero", head_dim a
+ * multiple of 8 and keys whose every slot's query is inside the image. Key x_j = x + j * d sits in slot c of query
+ * x_j - (c - radius) * d, so the run's keys share their queries: each query's vector is loaded once per slot row
+ * and feeds every key of the run it reaches (KEY_RUN + 2 * radius loads for KEY_RUN * k weighted terms, against one
+ * load per term key by key). The run's sums stay in registers across the k*k slots. */
+#define KEY_RUN 4
+#define KEY_RUN_MAX_LANES 8 /* head_dim <= 64: the sums are fixed-size arrays, which GCC keeps in registers (a VLA
+                             * it keeps on the stack) */
+
+/* dst[x_j] (pixel stride dst_stride) = sum over slot rows a and slots c of weights[a * ks + c][query] *
+ * rows[a][query * stride], query = x_j - (c - radius) * d, for the `run` keys x_j = x + j * d. With `checked`,
+ * queries outside [0, width) count as weight 0 (and read key x instead): the keys near the row's ends. Every loop
+ * has constant bounds once inlined, and GCC keeps the sums in registers only if it unrolls them all. */
+ALWAYS_INLINE void key_run_sums(const float *const *rows, int64_t stride, const float *const *weights, int64_t x,
+                                int64_t d, float *dst, int64_t dst_stride, int64_t width, const int64_t run,
+                                const int checked, const int64_t ks, const int64_t hd) {
+    const int64_t radius = (ks - 1) / 2, lanes = hd / BLOCK_LANES;
+    __m256 acc[KEY_RUN * KEY_RUN_MAX_LANES];
+    _Pragma("GCC unroll 32") for (int64_t i = 0; i < run * lanes; i++) acc[i] = _mm256_setzero_ps();
+    _Pragma("GCC unroll 32") for (int64_t a = 0; a < ks; a++) {
+        /* Query m of the run, x + m * d, reaches key j = m + c - radius in slot c. */
+        _Pragma("GCC unroll 32") for (int64_t m = -radius; m < run + radius; m++) {
+            const int64_t qx = x + m * d;
+            const int inside = !checked || (qx >= 0 && qx < width);
+            const float *src = rows[a] + (inside ? qx : x) * stride;
+            __m256 sv[KEY_RUN_MAX_LANES];
+            _Pragma("GCC unroll 32") for (int64_t l = 0; l < lanes; l++) sv[l] = _mm256_loadu_ps(src + l * BLOCK_LANES);
+            _Pragma("GCC unroll 32") for (int64_t c = 0; c < ks; c++) {
+                const int64_t j = m + c - radius;
+                if (j < 0 || j >= run) continue;
+                const __m256 w = checked ? _mm256_set1_ps(inside ? weights[a * ks + c][qx] : 0.0f)
+                                         : _mm256_broadcast_ss(weights[a * ks + c] + qx);
+                _Pragma("GCC unroll 32") for (int64_t l = 0; l < lanes; l++) {
+                    acc[j * lanes + l] = _mm256_fmadd_ps(w, sv[l], acc[j * lanes + l]);
+                }
+            }
+        }
+    }
+    _Pragma("GCC unroll 32") for (int64_t j = 0; j < run; j++) {
+        _Pragma("GCC unroll 32") for (int64_t l = 0; l < lanes; l++) {
+            _mm256_storeu_ps(dst + (x + j * d) * dst_stride + l * BLOCK_LANES, acc[j * lanes + l]);
+        }
+    }
+}
+
+/* Keys per chunk of a row: every head's runs advance through one chunk before the next, so the queries a chunk
+ * reads stay in L1 across the heads instead of each head streaming the whole row. */
+#define KEY_CHUNK 16
+
+ALWAYS_INLINE void blocks_zero_key_rows(const problem_t *p, const float *grad_out, const float *q, const float *probs,
+                                        const float *dlogits, float *grad_k, float *grad_v, int64_t row_begin,
+                                        int64_t row_end, int64_t col_begin, int64_t col_end, const int64_t ks,
+                                        const int64_t hd) {
+    const int64_t radius = (ks - 1) / 2, width = p->width, heads = p->heads, per_group = heads / p->groups;
+    const int64_t row_pixels = heads * hd, window = ks * ks;
+    const int64_t ahead = radius * FN(max_dilation)(p), limit = p->batch * p->height * width;
+    int64_t query_row[heads][ks], query_probs[heads][ks], next[heads];
+    const float *q_rows[heads][ks], *dout_rows[heads][ks], *dlogit_at[heads][window], *prob_at[heads][window];
+    float *zeros = calloc(width, sizeof(float));
+    for (int64_t r = row_begin; r < row_end; r++) {
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t d = p->dilations[h / per_group];
+            FN(key_row_queries)(p, r, h / per_group, query_row[h], query_probs[h]);
+            for (int64_t a = 0; a < ks; a++) {
+                const int64_t qr = query_row[h][a];
+                /* A slot row outside the image reads this key row with zero weights: no branch in the runs. */
+                const int64_t source = qr < 0 ? r : qr;
+                q_rows[h][a] = q + source * width * p->q_stride + h * hd;
+                dout_rows[h][a] = grad_out + source * width * row_pixels + h * hd;
+                for (int64_t c = 0; c < ks; c++) {
+                    const int64_t at = query_probs[h][a] + FN(slot_index)(p, h, a * ks + c, 0);
+                    dlogit_at[h][a * ks + c] = qr < 0 ? zeros : dlogits + at;
+                    prob_at[h][a * ks + c] = qr < 0 ? zeros : probs + at;
+                }
+            }
+            /* Keys from radius * d on have every slot's query inside the row, up to radius * d from the end. */
+            next[h] = radius * d > col_begin ? radius * d : col_begin;
+        }
+        float *gk = grad_k + r * width * row_pixels, *gv = grad_v + r * width * row_pixels;
+        for (int64_t chunk = col_begin; chunk < col_end; chunk += KEY_CHUNK) {
+            /* The query rows the next key row will first read. */
+            const int64_t count = col_end - chunk < KEY_CHUNK ? col_end - chunk : KEY_CHUNK;
+            FN(prefetch_pixels)(q, p->q_stride, (r + 1 + ahead) * width + chunk, count, limit);
+            FN(prefetch_pixels)(grad_out, row_pixels, (r + 1 + ahead) * width + chunk, count, limit);
+            for (int64_t h = 0; h < heads; h++) {
+                /* Spans of KEY_RUN * d keys, d interleaved runs each. */
+                const int64_t d = p->dilations[h / per_group], span = KEY_RUN * d;
+                const int64_t end = col_end < width - radius * d ? col_end : width - radius * d;
+                for (int64_t x = next[h]; x < chunk + KEY_CHUNK && x + span <= end; x += span) {
+                    for (int64_t o = 0; o < d; o++) {
+                        key_run_sums(q_rows[h], p->q_stride, dlogit_at[h], x + o, d, gk + h * hd, row_pixels, width,
+                                     KEY_RUN, 0, ks, hd);
+                        key_run_sums(dout_rows[h], row_pixels, prob_at[h], x + o, d, gv + h * hd, row_pixels, width,
+                                     KEY_RUN, 0, ks, hd);
+                    }
+                    next[h] = x + span;
+                }
+            }
+        }
+        /* The keys at the row's ends and the remainder, one at a time: checked where a slot's query can be outside
+         * the row. */
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t d = p->dilations[h / per_group], first = radius * d;
+            const int64_t start = first > col_begin ? first : col_begin;
+            for (int64_t e = col_begin; e < col_end; e++) {
+                if (e == start) e = next[h]; /* keys [start, next[h]) went in runs */
+                if (e >= col_end) break;
+                if (e >= first && e + first < width) {
+                    key_run_sums(q_rows[h], p->q_stride, dlogit_at[h], e, d, gk + h * hd, row_pixels, width, 1, 0, ks,
+                                 hd);
+                    key_run_sums(dout_rows[h], row_pixels, prob_at[h], e, d, gv + h * hd, row_pixels, width, 1, 0, ks,
+                                 hd);
+                } else {
+                    key_run_sums(q_rows[h], p->q_stride, dlogit_at[h], e, d, gk + h * hd, row_pixels, width, 1, 1, ks,
+                                 hd);
+                    key_run_sums(dout_rows[h], row_pixels, prob_at[h], e, d, gv + h * hd, row_pixels, width, 1, 1, ks,
+                                 hd);
+                }
+            }
+        }
+    }
+    free(zeros);
+}
+
+static void blocks_zero_keys(const problem_t *p, const float *grad_out, const float *q, const float *probs,
+                             const float *dlogits, float *grad_k, float *grad_v, int64_t row_begin, int64_t row_end,
+                             int64_t col_begin, int64_t col_end) {
+#define CALL(KS, HD)                                                                                                \
+    blocks_zero_key_rows(p, grad_out, q, probs, dlogits, grad_k, grad_v, row_begin, row_end, col_begin, col_end, KS, HD)
+    if (p->kernel_size == 3) {
+        switch (p->head_dim) {
+        case 8: CALL(3, 8); break;
+        case 16: CALL(3, 16); break;
+        case 24: CALL(3, 24); break;
+        case 32: CALL(3, 32); break;
+        default: CALL(3, p->head_dim); break;
+        }
+    } else {
+        CALL(p->kernel_size, p->head_dim);
+    }
+#undef CALL
+}
 #endif
 
 /* Entry points: specialise the loops for common head widths, else run them with a runtime width. */
@@ -304,7 +463,7 @@ void FN(msda_backward_queries)(const problem_t *p, const SCALAR *grad_out, const
                                SCALAR *dlogits, int64_t row_begin, int64_t row_end) {
 #if HAVE_BLOCKS
     if (p->head_dim % BLOCK_LANES == 0) {
-        blocks_backward_queries(p, grad_out, q, k, v, lse, grad_q, probs, dlogits, row_begin, row_end);
+        blocks_backward_queries(p, grad_out, q, k, v, lse, grad_q, probs, dlogits, row_begin, row_end, 0, p->width);
         return;
     }
 #endif
@@ -317,22 +476,76 @@ void FN(msda_backward_queries)(const problem_t *p, const SCALAR *grad_out, const
 void FN(msda_backward_zero_keys)(const problem_t *p, const SCALAR *grad_out, const SCALAR *q, const SCALAR *probs,
                                  const SCALAR *dlogits, SCALAR *grad_k, SCALAR *grad_v, int64_t row_begin,
                                  int64_t row_end) {
+#if HAVE_BLOCKS
+    if (p->head_dim % BLOCK_LANES == 0 && p->head_dim <= KEY_RUN_MAX_LANES * BLOCK_LANES) {
+        blocks_zero_keys(p, grad_out, q, probs, dlogits, grad_k, grad_v, row_begin, row_end, 0, p->width);
+        return;
+    }
+#endif
 #define CALL(HD) FN(backward_zero_key_rows)(p, grad_out, q, probs, dlogits, grad_k, grad_v, row_begin, row_end, HD)
     DISPATCH_HEAD_DIM(CALL, p->head_dim)
 #undef CALL
+}
+
+/* Columns per width tile of the one-sweep backward, at least: a stripe's query rows at full width (k and v `2 * reach
+ * + 1` rows, q and grad_out as many again for the key pass) outgrow L2 at widths of several hundred pixels. */
+#define TILE_COLUMNS 128
+
+/* Tiles across the width for the one-sweep backward: only where both passes can run on a range of columns. */
+ALWAYS_INLINE int64_t FN(width_tiles)(const problem_t *p) {
+#if HAVE_BLOCKS
+    if (p->head_dim % BLOCK_LANES == 0 && p->head_dim <= KEY_RUN_MAX_LANES * BLOCK_LANES)
+        return p->width / TILE_COLUMNS > 1 ? p->width / TILE_COLUMNS : 1;
+#endif
+    return 1;
+}
+
+/* Column where width tile t of `tiles` starts: a multiple of 8, so every tile's query blocks are those of a
+ * whole-row sweep. */
+ALWAYS_INLINE int64_t FN(tile_edge)(const problem_t *p, int64_t t, int64_t tiles) {
+    return t >= tiles ? p->width : p->width * t / tiles / 8 * 8;
+}
+
+/* One row of either pass on columns [col_begin, col_end): the whole row, or a width tile where width_tiles > 1. */
+ALWAYS_INLINE void FN(query_cols)(const problem_t *p, const SCALAR *grad_out, const SCALAR *q, const SCALAR *k,
+                                  const SCALAR *v, const SCALAR *out, const SCALAR *lse, SCALAR *grad_q, SCALAR *probs,
+                                  SCALAR *dlogits, int64_t r, int64_t col_begin, int64_t col_end) {
+    if (col_begin >= col_end) return;
+#if HAVE_BLOCKS
+    if (col_begin > 0 || col_end < p->width) {
+        blocks_backward_queries(p, grad_out, q, k, v, lse, grad_q, probs, dlogits, r, r + 1, col_begin, col_end);
+        return;
+    }
+#endif
+    FN(msda_backward_queries)(p, grad_out, q, k, v, out, lse, grad_q, probs, dlogits, r, r + 1);
+}
+
+ALWAYS_INLINE void FN(key_cols)(const problem_t *p, const SCALAR *grad_out, const SCALAR *q, const SCALAR *probs,
+                                const SCALAR *dlogits, SCALAR *grad_k, SCALAR *grad_v, int64_t row_begin,
+                                int64_t row_end, int64_t col_begin, int64_t col_end) {
+#if HAVE_BLOCKS
+    if (col_begin > 0 || col_end < p->width) {
+        blocks_zero_keys(p, grad_out, q, probs, dlogits, grad_k, grad_v, row_begin, row_end, col_begin, col_end);
+        return;
+    }
+#endif
+    FN(msda_backward_zero_keys)(p, grad_out, q, probs, dlogits, grad_k, grad_v, row_begin, row_end);
 }
 
 /* The whole backward for border "zero" in one sweep per unit of work: the second pass follows the first `reach`
  * rows behind, once every query row whose windows reach a key row is done, so probs and dlogits only need a ring of
  * 2 * reach + 1 rows (cache-resident) instead of a full-size buffer. A unit is one of `stripes` horizontal stripes
  * of one image; a stripe also sweeps the `reach` query rows beyond each of its edges (their probabilities, not
- * their dq, which belongs to the neighbouring stripe), so no two units write the same row. */
+ * their dq, which belongs to the neighbouring stripe), so no two units write the same row. Wide images are also
+ * swept in width tiles, one after the other, so that a tile's rows stay in L2; a tile's query pass likewise covers
+ * the `reach` columns beyond each of its edges (probabilities only, rounded out to whole blocks). */
 void FN(msda_backward_zero_fused)(const problem_t *whole, const SCALAR *grad_out, const SCALAR *q, const SCALAR *k,
                                   const SCALAR *v, const SCALAR *out, const SCALAR *lse, SCALAR *grad_q,
                                   SCALAR *grad_k, SCALAR *grad_v, int64_t stripes, int64_t unit_begin,
                                   int64_t unit_end) {
     problem_t p = *whole;
-    const int64_t reach = (p.kernel_size - 1) / 2 * FN(max_dilation)(&p), height = p.height;
+    const int64_t reach = (p.kernel_size - 1) / 2 * FN(max_dilation)(&p), height = p.height, width = p.width;
+    const int64_t tiles = FN(width_tiles)(&p);
     p.prob_rows = 2 * reach + 1;
     const size_t ring_bytes = sizeof(SCALAR) * p.prob_rows * p.heads * p.kernel_size * p.kernel_size * p.width;
     SCALAR *probs = malloc(ring_bytes), *dlogits = malloc(ring_bytes);
@@ -340,16 +553,22 @@ void FN(msda_backward_zero_fused)(const problem_t *whole, const SCALAR *grad_out
         const int64_t b = unit / stripes, stripe = unit % stripes, first = b * height;
         const int64_t lo = height * stripe / stripes, hi = height * (stripe + 1) / stripes;
         const int64_t query_lo = lo > reach ? lo - reach : 0, query_hi = hi + reach < height ? hi + reach : height;
-        for (int64_t y = query_lo; y < query_hi; y++) {
-            SCALAR *own_grad_q = y >= lo && y < hi ? grad_q : NULL;
-            FN(msda_backward_queries)(&p, grad_out, q, k, v, out, lse, own_grad_q, probs, dlogits, first + y,
-                                      first + y + 1);
-            if (y - reach >= lo && y - reach < hi)
-                FN(msda_backward_zero_keys)(&p, grad_out, q, probs, dlogits, grad_k, grad_v, first + y - reach,
-                                            first + y - reach + 1);
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t x0 = FN(tile_edge)(&p, t, tiles), x1 = FN(tile_edge)(&p, t + 1, tiles);
+            const int64_t halo_lo = x0 > reach ? (x0 - reach) / 8 * 8 : 0;
+            const int64_t halo_hi = x1 + reach < width ? (x1 + reach + 7) / 8 * 8 : width;
+            for (int64_t y = query_lo; y < query_hi; y++) {
+                SCALAR *own_grad_q = y >= lo && y < hi ? grad_q : NULL;
+                FN(query_cols)(&p, grad_out, q, k, v, out, lse, NULL, probs, dlogits, first + y, halo_lo, x0);
+                FN(query_cols)(&p, grad_out, q, k, v, out, lse, own_grad_q, probs, dlogits, first + y, x0, x1);
+                FN(query_cols)(&p, grad_out, q, k, v, out, lse, NULL, probs, dlogits, first + y, x1, halo_hi);
+                if (y - reach >= lo && y - reach < hi)
+                    FN(key_cols)(&p, grad_out, q, probs, dlogits, grad_k, grad_v, first + y - reach,
+                                 first + y - reach + 1, x0, x1);
+            }
+            const int64_t done = query_hi - reach > lo ? query_hi - reach : lo;
+            FN(key_cols)(&p, grad_out, q, probs, dlogits, grad_k, grad_v, first + done, first + hi, x0, x1);
         }
-        const int64_t done = query_hi - reach > lo ? query_hi - reach : lo;
-        FN(msda_backward_zero_keys)(&p, grad_out, q, probs, dlogits, grad_k, grad_v, first + done, first + hi);
     }
     free(probs), free(dlogits);
 }
