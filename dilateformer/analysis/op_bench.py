@@ -184,7 +184,7 @@ OP_COLUMNS = {
 FLOOR_COLUMNS = {
     "shape": "shape", "floor ms": "floor_ms", "fwd ms": "forward_ms", "fwd/floor": "forward_vs_floor",
     "fwd+bwd ms": "forward_backward_ms", "fwd+bwd/3 floors": "forward_backward_vs_3_floors", "growth": "growth",
-    "pixels x": "pixel_growth",
+    "floor growth": "floor_growth", "pixels x": "pixel_growth",
 }  # fmt: skip
 
 
@@ -237,7 +237,9 @@ def run_floor_ratios(
     """Per shape, ms of the addcmul floor, of ``backend``'s forward and of its forward+backward through
     ``torch.autograd.grad`` with a fixed upstream gradient (no ``ones_like``, no ``.grad`` accumulation), all three
     timed in interleaved rounds, and their ratios: forward / floor, forward+backward / (3 floors). ``growth`` is
-    forward+backward ms over that of the previous shape, for sweeps of growing images."""
+    forward+backward ms over that of the previous shape, for sweeps of growing images, and ``floor_growth`` the same
+    for the floor: where the tensors outgrow a cache level (or a larger buffer is mapped afresh each call) the
+    floor itself grows faster than the pixels."""
     rows: list[dict] = []
     for shape in shapes:
         if progress:
@@ -253,6 +255,7 @@ def run_floor_ratios(
                 "forward_vs_floor": fwd / floor,
                 "forward_backward_vs_3_floors": fwd_bwd / (3 * floor),
                 "growth": fwd_bwd / rows[-1]["forward_backward_ms"] if rows else float("nan"),
+                "floor_growth": floor / rows[-1]["floor_ms"] if rows else float("nan"),
                 "pixel_growth": shape.batch * shape.height * shape.width / rows[-1]["pixels"] if rows else float("nan"),
             }
         )
