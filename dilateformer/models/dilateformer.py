@@ -313,9 +313,11 @@ class DilateBlock(nn.Module):
         )
         if not centred or torch.jit.is_tracing():
             return x + conv(x)
-        identity = torch.zeros_like(conv.weight)
-        identity[:, :, k // 2, k // 2] = 1.0
-        return conv._conv_forward(x, conv.weight + identity, conv.bias)
+        # A clone keeps the parameter's exact strides (an addition may not, for the size-1 input-channel dim), so the
+        # weight's gradient arrives in the parameter's layout and DDP's bucket views need no copy.
+        folded = conv.weight.clone()
+        folded[:, :, k // 2, k // 2] += 1.0
+        return conv._conv_forward(x, folded, conv.bias)
 
 
 def _is_noop(drop_path: nn.Module) -> bool:
